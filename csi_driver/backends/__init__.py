@@ -1,0 +1,27 @@
+"""Backend types: the built-in ones plus any registered under the `csi_driver.backends` entry point.
+
+A third-party package adds a backend by declaring, in its pyproject.toml,
+  [project.entry-points."csi_driver.backends"]
+  mytype = "my_package.module:MyBackend"
+where MyBackend subclasses csi_driver.backends.base.Backend.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from .base import Backend
+from .hostpath import HostPathBackend
+
+ENTRY_POINT_GROUP = "csi_driver.backends"
+BUILTIN: dict[str, type[Backend]] = {"hostpath": HostPathBackend}
+
+
+def backend_types() -> dict[str, type[Backend]]:
+    """Every known backend type by name; built-in names cannot be replaced by a plug-in."""
+    found: dict[str, type[Backend]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in BUILTIN:
+            found[ep.name] = ep.load()
+    found.update(BUILTIN)
+    return found

@@ -1,0 +1,55 @@
+"""Command line: flags and config file -> a running server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from .config import ConfigError, load_settings
+from .driver import Driver
+from .server import MODES, Endpoint, EndpointError, Server
+
+
+def _default_data_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/berth"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "berth")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="csi-driver", description="Berth CSI driver")
+    p.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///tmp/csi.sock"),
+                   help="unix:///path/to/csi.sock or tcp://host:port (env CSI_ENDPOINT)")
+    p.add_argument("--node-id", default=os.environ.get("NODE_ID") or socket.gethostname(),
+                   help="this node's name (env NODE_ID; default: the hostname)")
+    p.add_argument("--config", help="YAML config file; default: one hostPath backend in --data-dir")
+    p.add_argument("--data-dir", default=_default_data_dir(),
+                   help="where the built-in hostPath backend keeps volumes when --config is absent")
+    p.add_argument("--mode", choices=MODES, default="all", help="which CSI services to serve")
+    p.add_argument("--workers", type=int, default=16, help="concurrent RPCs")
+    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.node_id:
+        print("csi-driver: --node-id is required", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings(args.config, args.data_dir)
+        endpoint = Endpoint.parse(args.endpoint)
+        server = Server(Driver.from_settings(settings, args.node_id), endpoint, args.mode,
+                        args.workers)
+        server.run_until_signalled()
+    except (ConfigError, EndpointError) as exc:
+        print(f"csi-driver: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,82 @@
+"""Around every RPC: a request id, one log line, and typed errors turned into gRPC statuses.
+
+Only the method, request id, status, duration and our own error message are logged at INFO; at
+DEBUG the request is logged too, with every field the CSI spec marks as secret blanked out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from .csi import csi_pb2 as pb
+from .errors import CsiError
+
+log = logging.getLogger("csi_driver.rpc")
+_ids = itertools.count(1)
+_prefix = os.urandom(3).hex()
+
+
+def redacted(message: Message) -> Message:
+    """A copy of `message` whose csi_secret fields show only their keys."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    for field, value in copy.ListFields():
+        # The generated stub types the extension loosely; it is a bool FieldOptions extension.
+        if field.GetOptions().Extensions[pb.csi_secret]:  # type: ignore[index]
+            keys = list(value.keys()) if field.message_type else []
+            copy.ClearField(field.name)
+            for key in keys:
+                getattr(copy, field.name)[key] = "***"
+        elif field.message_type and not field.is_repeated:
+            getattr(copy, field.name).CopyFrom(redacted(value))
+    return copy
+
+
+class RpcInterceptor(grpc.ServerInterceptor):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = details.method
+        inner = handler.unary_unary
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            rid = f"{_prefix}-{next(_ids)}"
+            start = time.perf_counter()
+            code, detail = grpc.StatusCode.OK, ""
+            try:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("rpc=%s id=%s request={%s}", method, rid,
+                              str(redacted(request)).replace("\n", " ").strip())
+                return inner(request, context)
+            except CsiError as exc:
+                code, detail = exc.code, exc.message
+            except NotImplementedError:
+                code, detail = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented"
+            except Exception:
+                log.exception("rpc=%s id=%s failed unexpectedly", method, rid)
+                code = grpc.StatusCode.INTERNAL
+                detail = f"internal error (request id {rid}); the driver log has the details"
+            finally:
+                ms = (time.perf_counter() - start) * 1000
+                log.info("rpc=%s id=%s status=%s duration_ms=%.2f%s", method, rid, code.name,
+                         ms, f" error={detail!r}" if detail else "")
+            context.abort(code, detail)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

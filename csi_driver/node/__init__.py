@@ -1,0 +1,1 @@
+"""Node-side helpers: mount state, bind mounts, filesystem statistics."""

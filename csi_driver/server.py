@@ -1,0 +1,127 @@
+"""gRPC server lifecycle: bind the endpoint, serve, and stop gracefully on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+from .csi import csi_pb2_grpc as pb_grpc
+from .driver import Driver
+from .errors import CsiError
+from .interceptors import RpcInterceptor
+from .services.controller import ControllerService
+from .services.identity import IdentityService
+from .services.node import NodeService
+
+log = logging.getLogger(__name__)
+MODES = ("all", "controller", "node")
+
+
+class EndpointError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    grpc_address: str
+    socket_path: str | None = None
+
+    @classmethod
+    def parse(cls, raw: str) -> Endpoint:
+        if raw.startswith("unix://"):
+            path = raw[len("unix://"):]
+            if not os.path.isabs(path):
+                raise EndpointError(f"{raw}: a unix endpoint needs an absolute path (unix:///...)")
+            return cls(f"unix://{path}", path)
+        if raw.startswith("tcp://"):
+            return cls(raw[len("tcp://"):])
+        raise EndpointError(f"{raw}: endpoint must start with unix:// or tcp://")
+
+
+def _clear_stale_socket(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise EndpointError(f"{path} exists and is not a socket; refusing to remove it")
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left over from a crash
+        return
+    finally:
+        probe.close()
+    raise EndpointError(f"another process is serving on {path}")
+
+
+class Server:
+    def __init__(self, driver: Driver, endpoint: Endpoint, mode: str = "all",
+                 workers: int = 16) -> None:
+        self.driver = driver
+        self.endpoint = endpoint
+        self._stop = threading.Event()
+        self._grpc = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+            interceptors=[RpcInterceptor()],
+        )
+        controller = mode in ("all", "controller")
+        pb_grpc.add_IdentityServicer_to_server(IdentityService(driver, controller), self._grpc)
+        if controller:
+            pb_grpc.add_ControllerServicer_to_server(ControllerService(driver), self._grpc)
+        if mode in ("all", "node"):
+            pb_grpc.add_NodeServicer_to_server(NodeService(driver), self._grpc)
+
+    def start(self) -> None:
+        for name, backend in self.driver.backends.items():
+            try:
+                backend.probe()
+            except CsiError as exc:
+                log.warning("backend %s is not ready yet: %s", name, exc.message)
+        path = self.endpoint.socket_path
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _clear_stale_socket(path)
+            old = os.umask(0o117)  # the socket is born 0660: kubelet and sidecars share a group
+        try:
+            if self._grpc.add_insecure_port(self.endpoint.grpc_address) == 0:
+                raise EndpointError(f"cannot listen on {self.endpoint.grpc_address}")
+            self._grpc.start()
+        except RuntimeError as exc:
+            raise EndpointError(f"cannot listen on {self.endpoint.grpc_address}: {exc}") from None
+        finally:
+            if path:
+                os.umask(old)
+        if path:
+            os.chmod(path, 0o660)
+        log.info("serving CSI %s on %s (node %s)", self.driver.settings.driver_name,
+                 self.endpoint.grpc_address, self.driver.node.node_id)
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Refuse new RPCs, let in-flight ones finish (up to `grace` seconds), remove the socket."""
+        self._grpc.stop(grace).wait()
+        if self.endpoint.socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.endpoint.socket_path)
+        log.info("stopped")
+
+    def run_until_signalled(self) -> None:
+        def _on_signal(signum: int, _frame: object) -> None:
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        self.start()
+        self._stop.wait()
+        self.stop()

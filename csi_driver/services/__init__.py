@@ -1,0 +1,1 @@
+"""The CSI gRPC services: spec rules here, storage work in the backends."""

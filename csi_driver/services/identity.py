@@ -1,0 +1,50 @@
+"""CSI Identity service."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from google.protobuf.wrappers_pb2 import BoolValue
+
+from .. import __version__
+from ..csi import csi_pb2 as pb
+from ..csi import csi_pb2_grpc as pb_grpc
+from ..driver import Driver
+from ..errors import CsiError
+
+log = logging.getLogger(__name__)
+_Service = pb.PluginCapability.Service.Type
+
+
+class IdentityService(pb_grpc.IdentityServicer):
+    def __init__(self, driver: Driver, controller: bool) -> None:
+        self.driver = driver
+        self.controller = controller
+
+    def GetPluginInfo(self, request: pb.GetPluginInfoRequest, context: grpc.ServicerContext
+                      ) -> pb.GetPluginInfoResponse:
+        return pb.GetPluginInfoResponse(name=self.driver.settings.driver_name,
+                                        vendor_version=__version__)
+
+    def GetPluginCapabilities(self, request: pb.GetPluginCapabilitiesRequest,
+                              context: grpc.ServicerContext) -> pb.GetPluginCapabilitiesResponse:
+        services = []
+        if self.controller:
+            services.append(_Service.CONTROLLER_SERVICE)
+        if any(b.features.node_local for b in self.driver.backends.values()):
+            services.append(_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
+        return pb.GetPluginCapabilitiesResponse(
+            capabilities=[pb.PluginCapability(service=pb.PluginCapability.Service(type=s))
+                          for s in services]
+        )
+
+    def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
+        ready = True
+        for name, backend in self.driver.backends.items():
+            try:
+                backend.probe()
+            except CsiError as exc:
+                log.warning("backend %s is not ready: %s", name, exc.message)
+                ready = False
+        return pb.ProbeResponse(ready=BoolValue(value=ready))

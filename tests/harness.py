@@ -1,0 +1,112 @@
+"""Start the real driver as a subprocess on a unix socket and talk to it over real gRPC."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from csi_driver.csi import csi_pb2 as pb
+from csi_driver.csi import csi_pb2_grpc as pb_grpc
+
+NODE_ID = "test-node"
+DRIVER_NAME = "berth.csi.dev"
+TOPOLOGY_KEY = f"topology.{DRIVER_NAME}/node"
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass
+class Driver:
+    """A running csi-driver process and stubs for every service."""
+
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    log_path: Path
+    channel: grpc.Channel
+    identity: pb_grpc.IdentityStub = field(init=False)
+    controller: pb_grpc.ControllerStub = field(init=False)
+    node: pb_grpc.NodeStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.identity = pb_grpc.IdentityStub(self.channel)
+        self.controller = pb_grpc.ControllerStub(self.channel)
+        self.node = pb_grpc.NodeStub(self.channel)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def write_config(path: Path, backends: dict[str, Any], **extra: Any) -> Path:
+    path.write_text(yaml.safe_dump({"backends": backends, **extra}))
+    return path
+
+
+def start_driver(tmp: Path, config: Path | None = None, *args: str,
+                 data_dir: Path | None = None, wait: bool = True) -> Driver:
+    sock = tmp / "csi.sock"
+    log_path = tmp / "driver.log"
+    cmd = [sys.executable, "-m", "csi_driver", "--endpoint", f"unix://{sock}",
+           "--node-id", NODE_ID, *args]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its lifetime
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log.close()
+    channel = grpc.insecure_channel(f"unix://{sock}")
+    driver = Driver(proc, sock, log_path, channel)
+    if wait:
+        wait_ready(driver)
+    return driver
+
+
+def wait_ready(driver: Driver, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if driver.proc.poll() is not None:
+            raise RuntimeError(f"driver exited with {driver.proc.returncode}:\n{driver.log()}")
+        try:
+            driver.identity.GetPluginInfo(pb.GetPluginInfoRequest(), timeout=1)
+            return
+        except grpc.RpcError:
+            time.sleep(0.02)
+    raise RuntimeError(f"driver did not answer within {timeout}s:\n{driver.log()}")
+
+
+def mount_cap(mode: int = pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER,
+              flags: tuple[str, ...] = (), fs_type: str = "") -> pb.VolumeCapability:
+    return pb.VolumeCapability(
+        mount=pb.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
+        access_mode=pb.VolumeCapability.AccessMode(mode=mode),
+    )
+
+
+def block_cap(mode: int = pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+              ) -> pb.VolumeCapability:
+    return pb.VolumeCapability(
+        block=pb.VolumeCapability.BlockVolume(),
+        access_mode=pb.VolumeCapability.AccessMode(mode=mode),
+    )
+
+
+def mounted_at(path: str | Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ")[4] == real for line in f)

@@ -1,0 +1,191 @@
+"""The process: endpoints, socket handling, modes, logging, signals, config errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_driver.csi import csi_pb2 as pb
+from csi_driver.csi import csi_pb2_grpc as pb_grpc
+
+from .conftest import status_of
+from .harness import Driver, mount_cap, start_driver, write_config
+
+
+def hostpath_config(tmp: Path) -> Path:
+    return write_config(tmp / "c.yaml", {"local": {"type": "hostpath", "path": str(tmp / "d")}})
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "csi_driver", *args], capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_socket_mode_and_removal_on_sigterm(tmp_path: Path) -> None:
+    d = start_driver(tmp_path, hostpath_config(tmp_path))
+    assert stat.S_IMODE(os.stat(d.socket).st_mode) == 0o660
+    assert d.stop(signal.SIGTERM) == 0
+    assert not d.socket.exists()
+    assert "received SIGTERM" in d.log()
+
+
+def test_sigint_also_stops_cleanly(tmp_path: Path) -> None:
+    d = start_driver(tmp_path, hostpath_config(tmp_path))
+    assert d.stop(signal.SIGINT) == 0
+    assert not d.socket.exists()
+
+
+def test_stale_socket_is_replaced(tmp_path: Path) -> None:
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "csi.sock"))
+    stale.close()  # the file stays, nobody listens: what a crash leaves behind
+    d = start_driver(tmp_path, hostpath_config(tmp_path))
+    assert d.stop() == 0
+
+
+def test_refuses_to_remove_a_regular_file(tmp_path: Path) -> None:
+    (tmp_path / "csi.sock").write_text("precious")
+    result = run_cli("--endpoint", f"unix://{tmp_path}/csi.sock", "--config",
+                     str(hostpath_config(tmp_path)))
+    assert result.returncode == 2
+    assert "not a socket" in result.stderr
+    assert (tmp_path / "csi.sock").read_text() == "precious"
+
+
+def test_refuses_a_socket_another_driver_serves(driver: Driver) -> None:
+    result = run_cli("--endpoint", f"unix://{driver.socket}")
+    assert result.returncode == 2
+    assert "another process" in result.stderr
+    driver.identity.Probe(pb.ProbeRequest())  # the first one is unharmed
+
+
+@pytest.mark.parametrize("endpoint", ["/tmp/x.sock", "unix://relative.sock", "http://x"])
+def test_bad_endpoint(endpoint: str) -> None:
+    result = run_cli("--endpoint", endpoint)
+    assert result.returncode == 2
+    assert "endpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_tcp_endpoint(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "csi_driver", "--endpoint",
+                             f"tcp://127.0.0.1:{port}", "--data-dir", str(tmp_path / "d")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=15)
+            info = pb_grpc.IdentityStub(ch).GetPluginInfo(pb.GetPluginInfoRequest())
+            assert info.name == "berth.csi.dev"
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
+
+
+def test_embedded_default_serves_hostpath(tmp_path: Path) -> None:
+    d = start_driver(tmp_path, None, data_dir=tmp_path / "default-data")
+    try:
+        vol = d.controller.CreateVolume(pb.CreateVolumeRequest(
+            name="first", volume_capabilities=[mount_cap()])).volume
+        assert vol.volume_id.startswith("local:")
+        assert (tmp_path / "default-data" / "volumes").is_dir()
+    finally:
+        assert d.stop() == 0
+
+
+def test_one_log_line_per_rpc(tmp_path: Path) -> None:
+    d = start_driver(tmp_path, hostpath_config(tmp_path))
+    try:
+        before = d.log().count("rpc=")
+        d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id="local:x"))
+        status_of(lambda: d.controller.DeleteVolume(pb.DeleteVolumeRequest()))
+    finally:
+        assert d.stop() == 0
+    lines = [ln for ln in d.log().splitlines() if "rpc=/csi.v1.Controller/DeleteVolume" in ln]
+    assert len(lines) == 2 and d.log().count("rpc=") == before + 2
+    assert re.search(r"id=\S+ status=OK duration_ms=\d+\.\d+", lines[0])
+    assert "status=INVALID_ARGUMENT" in lines[1] and "volume_id is required" in lines[1]
+
+
+def test_secrets_never_logged_even_at_debug(tmp_path: Path) -> None:
+    d = start_driver(tmp_path, hostpath_config(tmp_path), "--log-level", "DEBUG")
+    secret = "s3cr3t-Val-9f2"
+    try:
+        status_of(lambda: d.node.NodeStageVolume(pb.NodeStageVolumeRequest(
+            volume_id="local:nope", staging_target_path=str(tmp_path),
+            volume_capability=mount_cap(), secrets={"userKey": secret})))
+        status_of(lambda: d.controller.CreateVolume(pb.CreateVolumeRequest(
+            name="x", volume_capabilities=[mount_cap()], secrets={"password": secret})))
+    finally:
+        assert d.stop() == 0
+    log = d.log()
+    assert secret not in log
+    assert "userKey" in log and "***" in log  # the request was logged, blanked
+
+
+def test_controller_mode_serves_no_node_service(tmp_path: Path) -> None:
+    d = start_driver(tmp_path, hostpath_config(tmp_path), "--mode", "controller")
+    try:
+        code = status_of(lambda: d.node.NodeGetInfo(pb.NodeGetInfoRequest()))
+        assert code == grpc.StatusCode.UNIMPLEMENTED
+        d.controller.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest())
+    finally:
+        assert d.stop() == 0
+
+
+def test_node_mode_serves_no_controller(tmp_path: Path) -> None:
+    d = start_driver(tmp_path, hostpath_config(tmp_path), "--mode", "node")
+    try:
+        code = status_of(lambda: d.controller.ControllerGetCapabilities(
+            pb.ControllerGetCapabilitiesRequest()))
+        assert code == grpc.StatusCode.UNIMPLEMENTED
+        caps = d.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
+        assert pb.PluginCapability.Service.CONTROLLER_SERVICE not in {c.service.type for c in caps}
+        assert d.node.NodeGetInfo(pb.NodeGetInfoRequest()).node_id
+    finally:
+        assert d.stop() == 0
+
+
+def test_sigterm_under_load_leaves_no_half_made_volume(tmp_path: Path) -> None:
+    d = start_driver(tmp_path, hostpath_config(tmp_path))
+    # A channel of our own: d.stop() closes the harness's channel before signalling.
+    channel = grpc.insecure_channel(f"unix://{d.socket}")
+    controller = pb_grpc.ControllerStub(channel)
+    results: list[grpc.StatusCode] = []
+
+    def hammer(i: int) -> None:
+        for j in range(30):
+            req = pb.CreateVolumeRequest(name=f"load-{i}-{j}", volume_capabilities=[mount_cap()])
+            results.append(status_of(
+                lambda r=req: controller.CreateVolume(r, timeout=10)))  # type: ignore[misc]
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    while len(results) < 10:
+        time.sleep(0.01)
+    assert d.stop() == 0
+    for t in threads:
+        t.join()
+    channel.close()
+    ok = results.count(grpc.StatusCode.OK)
+    assert ok >= 10
+    assert set(results) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE,
+                            grpc.StatusCode.CANCELLED}
+    volumes = [p for p in (tmp_path / "d" / "volumes").iterdir()]
+    assert len(volumes) >= ok  # every answered create is complete on disk
+    assert all((p / "meta.json").is_file() and (p / "data").is_dir() for p in volumes)
+    assert list((tmp_path / "d" / ".tmp").iterdir()) == []
