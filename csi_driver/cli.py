@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from .config import ConfigError, load_settings
+from .config import NODE_ID_RE, ConfigError, load_settings
 from .driver import Driver
 from .server import MODES, Endpoint, EndpointError, Server
 
@@ -40,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.node_id:
-        print("csi-driver: --node-id is required", file=sys.stderr)
+    if not NODE_ID_RE.match(args.node_id or ""):
+        print(f"csi-driver: --node-id {args.node_id!r} must be 1-63 letters, digits, '.', '-' "
+              "or '_', starting and ending with a letter or digit (it is a topology value)",
+              file=sys.stderr)
         return 2
     try:
         settings = load_settings(args.config, args.data_dir)

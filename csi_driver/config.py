@@ -15,8 +15,11 @@ from .backends.base import BackendConfig
 from .ids import BACKEND_NAME_RE
 
 DEFAULT_DRIVER_NAME = "berth.csi.dev"
-# CSI: at most 63 characters, alphanumerics, '-', '.' and '_', starting and ending alphanumeric.
-_DRIVER_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+# CSI: at most 63 characters of alphanumerics, '-' and '.', alphanumeric at both ends; lowercase
+# because it also prefixes the topology key, which must be a DNS subdomain.
+_DRIVER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+# A topology value: at most 63 characters, alphanumeric at both ends.
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 
 class ConfigError(Exception):
@@ -34,7 +37,7 @@ class _FileModel(BaseModel):
     def _driver_name(cls, value: str) -> str:
         if not _DRIVER_NAME_RE.match(value):
             raise ValueError(
-                "must be at most 63 characters of letters, digits, '.', '-', '_', "
+                "must be at most 63 characters of lowercase letters, digits, '.' and '-', "
                 "starting and ending with a letter or digit"
             )
         return value

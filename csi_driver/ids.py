@@ -49,7 +49,9 @@ def local_id_for_name(name: str, prefix: str = "") -> str:
     """A deterministic local ID for a request name: readable slug plus a hash for uniqueness.
 
     Retries of CreateVolume carry the same name, so they land on the same ID without any state.
+    At most 57 characters, so that `<63-character backend>:<local>` plus a group-member suffix
+    stays within the spec's 128 bytes.
     """
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    slug = _SLUG_UNSAFE.sub("-", name.lower()).strip("-")[:48].rstrip("-")
+    slug = _SLUG_UNSAFE.sub("-", name.lower()).strip("-")[:40].rstrip("-")
     return f"{prefix}{slug}-{digest}" if slug else f"{prefix}{digest}"

@@ -19,6 +19,7 @@ from .driver import Driver
 from .errors import CsiError
 from .interceptors import RpcInterceptor
 from .services.controller import ControllerService
+from .services.group_controller import GroupControllerService
 from .services.identity import IdentityService
 from .services.node import NodeService
 
@@ -79,6 +80,8 @@ class Server:
         pb_grpc.add_IdentityServicer_to_server(IdentityService(driver, controller), self._grpc)
         if controller:
             pb_grpc.add_ControllerServicer_to_server(ControllerService(driver), self._grpc)
+            pb_grpc.add_GroupControllerServicer_to_server(GroupControllerService(driver),
+                                                         self._grpc)
         if mode in ("all", "node"):
             pb_grpc.add_NodeServicer_to_server(NodeService(driver), self._grpc)
 

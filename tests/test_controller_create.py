@@ -81,8 +81,9 @@ def test_single_node_modes_accepted(driver: Driver, name: str, mode: int) -> Non
     assert vol.volume_id
 
 
-def test_block_refused_by_directory_backend(driver: Driver, name: str) -> None:
-    code = status_of(lambda: create(driver, name, volume_capabilities=[block_cap()]))
+def test_block_and_mount_in_one_request_refused(driver: Driver, name: str) -> None:
+    code = status_of(lambda: create(driver, name,
+                                    volume_capabilities=[block_cap(), mount_cap()]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -164,11 +165,15 @@ def test_kubernetes_parameters_and_backend_are_accepted(driver: Driver, name: st
     assert vol.volume_id.startswith("local:")
 
 
-def test_content_source_refused_without_snapshot_support(driver: Driver, name: str) -> None:
-    source = pb.VolumeContentSource(
-        snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id="local:snap"))
+@pytest.mark.parametrize("source", [
+    pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id="local:s")),
+    pb.VolumeContentSource(snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id="bad")),
+    pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id="local:v")),
+], ids=["snapshot", "malformed-snapshot", "volume"])
+def test_missing_content_source_is_not_found(driver: Driver, name: str,
+                                             source: pb.VolumeContentSource) -> None:
     code = status_of(lambda: create(driver, name, volume_content_source=source))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert code == grpc.StatusCode.NOT_FOUND
 
 
 def test_requisite_topology_of_this_node(driver: Driver, name: str) -> None:

@@ -21,9 +21,12 @@ def test_plugin_info(driver: Driver) -> None:
 
 
 def test_plugin_capabilities(driver: Driver) -> None:
-    caps = {c.service.type for c in driver.identity.GetPluginCapabilities(
-        pb.GetPluginCapabilitiesRequest()).capabilities}
-    assert caps == {Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS}
+    caps = driver.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
+    services = {c.service.type for c in caps if c.HasField("service")}
+    assert services == {Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
+                        Service.GROUP_CONTROLLER_SERVICE}
+    expansion = [c.volume_expansion.type for c in caps if c.HasField("volume_expansion")]
+    assert expansion == [pb.PluginCapability.VolumeExpansion.ONLINE]
 
 
 def test_probe_ready(driver: Driver) -> None:

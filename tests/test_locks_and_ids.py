@@ -69,6 +69,12 @@ def test_malformed_ids(raw: str) -> None:
     assert ids.parse(raw) is None
 
 
+def test_longest_ids_fit_in_128_bytes() -> None:
+    local = ids.local_id_for_name("n" * 500)
+    full = f"{'b' * 63}:{local}.99"  # longest backend name, group-member suffix
+    assert len(full.encode()) <= 128 and ids.parse(full) is not None
+
+
 def test_id_round_trip() -> None:
     local = ids.local_id_for_name("pvc-1234/../x")
     parsed = ids.parse(f"local:{local}")

@@ -56,8 +56,15 @@ def test_unstage_missing_fields(driver: Driver, req: pb.NodeUnstageVolumeRequest
     assert status_of(lambda: driver.node.NodeUnstageVolume(req)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.parametrize("field", ["volume_id", "target_path", "volume_capability",
-                                   "staging_target_path"])
+def test_publish_without_staging_path_is_failed_precondition(driver: Driver,
+                                                            volume: pb.Volume) -> None:
+    req = pb.NodePublishVolumeRequest(volume_id=volume.volume_id, target_path="/tmp/t",
+                                      volume_capability=mount_cap())
+    code = status_of(lambda: driver.node.NodePublishVolume(req))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize("field", ["volume_id", "target_path", "volume_capability"])
 def test_publish_missing_fields(driver: Driver, field: str) -> None:
     req = pb.NodePublishVolumeRequest(volume_id="local:x", target_path="/tmp/t",
                                       staging_target_path="/tmp/s", volume_capability=mount_cap())
@@ -88,7 +95,11 @@ def test_stage_refuses_block_for_directory_volume(driver: Driver, volume: pb.Vol
     from .harness import block_cap
 
     code = status_of(lambda: stage(driver, volume.volume_id, paths[0], block_cap()))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    code = status_of(lambda: stage(driver, volume.volume_id, paths[0],
+                                   mount_cap(Mode.MULTI_NODE_MULTI_WRITER)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert not mounted_at(paths[0])
 
 
 @pytest.mark.parametrize("req", [
@@ -125,7 +136,8 @@ def test_node_capabilities(driver: Driver) -> None:
     caps = {c.rpc.type for c in driver.node.NodeGetCapabilities(
         pb.NodeGetCapabilitiesRequest()).capabilities}
     assert caps == {NodeRPC.STAGE_UNSTAGE_VOLUME, NodeRPC.GET_VOLUME_STATS,
-                    NodeRPC.SINGLE_NODE_MULTI_WRITER}
+                    NodeRPC.SINGLE_NODE_MULTI_WRITER, NodeRPC.EXPAND_VOLUME,
+                    NodeRPC.VOLUME_CONDITION}
 
 
 # -- real mounts ------------------------------------------------------------------------------
@@ -273,6 +285,91 @@ def test_stats_of_published_volume(driver: Driver, volume: pb.Volume,
         code = status_of(lambda: driver.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
             volume_id="local:pvc-never-made", volume_path=target)))
         assert code == grpc.StatusCode.NOT_FOUND
+        unpublish(driver, volume.volume_id, target)
+    finally:
+        unstage(driver, volume.volume_id, staging)
+
+
+# -- spec rules on whose mount is whose -------------------------------------------------------
+def test_unpublish_of_unknown_volume_is_not_found(driver: Driver, tmp_path: Path) -> None:
+    for vid in ("local:pvc-never-made", "garbage"):
+        code = status_of(lambda v=vid: unpublish(driver, v, str(tmp_path / "t")))  # type: ignore[misc]
+        assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_unstage_of_unknown_volume_is_not_found(driver: Driver, paths: tuple[str, str]) -> None:
+    code = status_of(lambda: unstage(driver, "local:pvc-never-made", paths[0]))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+@needs_root
+def test_unstage_and_unpublish_leave_other_volumes_alone(
+        driver: Driver, volume: pb.Volume, paths: tuple[str, str], name: str) -> None:
+    staging, target = paths
+    other = driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=name + "-b", volume_capabilities=[mount_cap()])).volume
+    stage(driver, volume.volume_id, staging)
+    try:
+        publish(driver, volume.volume_id, staging, target)
+        unstage(driver, other.volume_id, staging)  # not staged there: OK, and nothing undone
+        unpublish(driver, other.volume_id, target)
+        assert mounted_at(staging) and mounted_at(target)
+        unpublish(driver, volume.volume_id, target)
+    finally:
+        unstage(driver, volume.volume_id, staging)
+        driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=other.volume_id))
+
+
+@needs_root
+@pytest.mark.parametrize("mode", [Mode.SINGLE_NODE_SINGLE_WRITER, Mode.SINGLE_NODE_WRITER])
+def test_single_writer_modes_allow_one_writer(driver: Driver, volume: pb.Volume,
+                                              paths: tuple[str, str], tmp_path: Path,
+                                              mode: int) -> None:
+    staging, target = paths
+    cap = mount_cap(mode)
+    second = str(tmp_path / "second")
+    stage(driver, volume.volume_id, staging, cap)
+    try:
+        publish(driver, volume.volume_id, staging, target, cap=cap)
+        code = status_of(lambda: publish(driver, volume.volume_id, staging, second, cap=cap))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        publish(driver, volume.volume_id, staging, second, readonly=True, cap=cap)  # a reader
+        unpublish(driver, volume.volume_id, second)
+        unpublish(driver, volume.volume_id, target)
+    finally:
+        unstage(driver, volume.volume_id, staging)
+
+
+@needs_root
+def test_multi_writer_mode_allows_two_writers(driver: Driver, volume: pb.Volume,
+                                              paths: tuple[str, str], tmp_path: Path) -> None:
+    staging, target = paths
+    cap = mount_cap(Mode.SINGLE_NODE_MULTI_WRITER)
+    second = str(tmp_path / "second")
+    stage(driver, volume.volume_id, staging, cap)
+    try:
+        publish(driver, volume.volume_id, staging, target, cap=cap)
+        publish(driver, volume.volume_id, staging, second, cap=cap)
+        Path(second, "x").write_text("shared")
+        assert Path(target, "x").read_text() == "shared"
+        unpublish(driver, volume.volume_id, second)
+        unpublish(driver, volume.volume_id, target)
+    finally:
+        unstage(driver, volume.volume_id, staging)
+
+
+@needs_root
+def test_delete_of_mounted_volume_is_refused(driver: Driver, volume: pb.Volume,
+                                             paths: tuple[str, str]) -> None:
+    staging, target = paths
+    stage(driver, volume.volume_id, staging)
+    try:
+        publish(driver, volume.volume_id, staging, target)
+        Path(target, "keep").write_text("data")
+        code = status_of(lambda: driver.controller.DeleteVolume(
+            pb.DeleteVolumeRequest(volume_id=volume.volume_id)))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert Path(target, "keep").read_text() == "data"
         unpublish(driver, volume.volume_id, target)
     finally:
         unstage(driver, volume.volume_id, staging)

@@ -70,6 +70,13 @@ def test_refuses_a_socket_another_driver_serves(driver: Driver) -> None:
     driver.identity.Probe(pb.ProbeRequest())  # the first one is unharmed
 
 
+@pytest.mark.parametrize("node_id", ["", "-starts-with-dash", "n" * 64, "has space"])
+def test_bad_node_id(node_id: str) -> None:
+    result = run_cli("--node-id", node_id)
+    assert result.returncode == 2
+    assert "--node-id" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("endpoint", ["/tmp/x.sock", "unix://relative.sock", "http://x"])
 def test_bad_endpoint(endpoint: str) -> None:
     result = run_cli("--endpoint", endpoint)

@@ -14,6 +14,8 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from .. import errors
+
 
 class AccessMode(enum.IntEnum):
     # Values equal csi.v1.VolumeCapability.AccessMode.Mode so the services can convert directly.
@@ -46,6 +48,12 @@ class Capability:
     mount_flags: tuple[str, ...] = ()
 
 
+class Expansion(enum.Enum):
+    NONE = "none"
+    ONLINE = "online"  # may grow while published
+    OFFLINE = "offline"  # grows only while not published
+
+
 @dataclass(frozen=True, slots=True)
 class Features:
     """What a backend can do; the services advertise and enforce from this."""
@@ -56,6 +64,22 @@ class Features:
     node_local: bool = False
     # StorageClass parameters the backend understands (besides the common ones).
     parameters: frozenset[str] = frozenset()
+    # VolumeAttributesClass parameters that ControllerModifyVolume may change.
+    mutable_parameters: frozenset[str] = frozenset()
+    snapshots: bool = False
+    clones: bool = False
+    group_snapshots: bool = False
+    expansion: Expansion = Expansion.NONE
+    # get_volume/list_volumes fill Volume.condition; node_condition answers on the node.
+    volume_condition: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """What a new volume starts from: a snapshot or another volume of the same backend."""
+
+    kind: str  # "snapshot" | "volume"
+    local_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +88,15 @@ class VolumeRequest:
     size: int
     capabilities: tuple[Capability, ...]
     parameters: Mapping[str, str]
+    source: Source | None = None
+    mutable_parameters: Mapping[str, str] = field(default_factory=dict)
+    limit: int = 0  # capacity_range.limit_bytes; 0 = none
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    abnormal: bool
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +106,31 @@ class Volume:
     size: int
     parameters: Mapping[str, str] = field(default_factory=dict)
     context: Mapping[str, str] = field(default_factory=dict)
+    source: Source | None = None
+    # True: raw block only; False: mount only.
+    block: bool = False
+    mutable_parameters: Mapping[str, str] = field(default_factory=dict)
+    condition: Condition | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    local_id: str
+    name: str
+    source_volume: str  # local ID of the volume it was taken from
+    size: int
+    created_at: float  # seconds since the epoch
+    ready: bool = True
+    group: str = ""  # local ID of the group snapshot it belongs to, if any
+
+
+@dataclass(frozen=True, slots=True)
+class GroupSnapshot:
+    local_id: str
+    name: str
+    snapshots: tuple[Snapshot, ...]
+    created_at: float
+    ready: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,3 +208,48 @@ class Backend(ABC):
     def owns_mount(self, local_id: str, path: str) -> bool:
         """Whether the mount at `path` shows this volume; backends that can tell override this."""
         return True
+
+    def publish_source(self, local_id: str, staging_path: str, capability: Capability) -> str:
+        """What NodePublish bind-mounts onto the target: by default the staging path itself."""
+        return staging_path
+
+    # -- optional features: the services only call these when `features` says so ---------
+    def _unsupported(self, what: str) -> errors.Unimplemented:
+        return errors.Unimplemented(f"backend {self.name!r} ({self.type_name}) has no {what}")
+
+    def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str]
+                        ) -> Snapshot:
+        raise self._unsupported("snapshots")
+
+    def delete_snapshot(self, local_id: str) -> None:
+        raise self._unsupported("snapshots")
+
+    def get_snapshot(self, local_id: str) -> Snapshot | None:
+        raise self._unsupported("snapshots")
+
+    def list_snapshots(self) -> Iterable[Snapshot]:
+        raise self._unsupported("snapshots")
+
+    def expand_volume(self, local_id: str, size: int) -> tuple[int, bool]:
+        """Grow to `size` bytes; returns (new size, whether the node must finish the job)."""
+        raise self._unsupported("expansion")
+
+    def node_expand(self, local_id: str, volume_path: str, staging_path: str) -> int:
+        """Grow what the node sees (device, filesystem); returns the new size in bytes."""
+        raise self._unsupported("expansion")
+
+    def node_condition(self, local_id: str, volume_path: str) -> Condition:
+        return Condition(abnormal=False, message="")
+
+    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str]) -> None:
+        raise self._unsupported("mutable parameters")
+
+    def create_group_snapshot(self, name: str, source_volumes: list[str],
+                              parameters: Mapping[str, str]) -> GroupSnapshot:
+        raise self._unsupported("group snapshots")
+
+    def delete_group_snapshot(self, local_id: str) -> None:
+        raise self._unsupported("group snapshots")
+
+    def get_group_snapshot(self, local_id: str) -> GroupSnapshot | None:
+        raise self._unsupported("group snapshots")

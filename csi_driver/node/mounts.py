@@ -109,20 +109,41 @@ def _call_mount(source: str, target: str, flags: int, fs_type: str | None = None
         raise Internal(f"mount of {source} on {target} failed: {os.strerror(err)}")
 
 
-def bind_flags(mount_flags: tuple[str, ...], read_only: bool) -> int:
+def split_options(mount_flags: tuple[str, ...], read_only: bool) -> tuple[int, list[str]]:
+    """Mount options as (per-mount flag bits, filesystem data options)."""
     flags = MS_RDONLY if read_only else 0
+    data: list[str] = []
     for flag in mount_flags:
         for word in flag.split(","):
             word = word.strip()
-            if not word:
-                continue
-            if word not in BIND_FLAGS:
-                raise InvalidArgument(
-                    f"mount flag {word!r} is not supported for this volume (bind mount); "
-                    f"supported: {', '.join(sorted(BIND_FLAGS))}"
-                )
-            flags |= BIND_FLAGS[word]
+            if word in BIND_FLAGS:
+                flags |= BIND_FLAGS[word]
+            elif word:
+                data.append(word)
+    return flags, data
+
+
+def bind_flags(mount_flags: tuple[str, ...], read_only: bool) -> int:
+    flags, data = split_options(mount_flags, read_only)
+    if data:
+        raise InvalidArgument(
+            f"mount option(s) {', '.join(data)} cannot apply to a bind mount; "
+            f"supported: {', '.join(sorted(BIND_FLAGS))}"
+        )
     return flags
+
+
+def mount_fs(device: str, target: str, fs_type: str, flags: int, data: list[str]) -> None:
+    """Mount the filesystem on `device` at `target`; bad data options give INVALID_ARGUMENT."""
+    rc = _libc.mount(device.encode(), target.encode(), fs_type.encode(), flags,
+                     ",".join(data).encode() if data else None)
+    if rc != 0:
+        err = ctypes.get_errno()
+        if err == errno.EINVAL and data:
+            raise InvalidArgument(
+                f"mounting {fs_type} with options {','.join(data)!r} failed: {os.strerror(err)}"
+            )
+        raise Internal(f"mount of {device} ({fs_type}) on {target} failed: {os.strerror(err)}")
 
 
 def bind(source: str, target: str, flags: int = 0) -> None:

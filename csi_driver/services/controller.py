@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import bisect
-
 import grpc
 from google.protobuf.wrappers_pb2 import Int64Value
 
 from .. import errors, ids
-from ..backends.base import AccessMode, Backend, Volume, VolumeRequest
+from ..backends.base import AccessMode, Backend, Expansion, Source, Volume, VolumeRequest
 from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
 from ..driver import Driver
-from . import capabilities
+from . import capabilities, convert, pagination
+from .controller_snapshots import SnapshotRPCs
 
 _Cap = pb.ControllerServiceCapability.RPC.Type
 
@@ -35,7 +34,41 @@ def _fits(size: int, capacity_range: pb.CapacityRange) -> bool:
     return size >= capacity_range.required_bytes and (not limit or size <= limit)
 
 
-class ControllerService(pb_grpc.ControllerServicer):
+def _source(request: pb.CreateVolumeRequest, backend_name: str, backend: Backend
+            ) -> Source | None:
+    if not request.HasField("volume_content_source"):
+        return None
+    content = request.volume_content_source
+    kind = content.WhichOneof("type")
+    if kind == "snapshot":
+        raw, allowed = content.snapshot.snapshot_id, backend.features.snapshots
+    elif kind == "volume":
+        raw, allowed = content.volume.volume_id, backend.features.clones
+    else:
+        raise errors.InvalidArgument("volume_content_source names neither a snapshot nor a volume")
+    if not allowed:
+        raise errors.InvalidArgument(
+            f"backend {backend_name!r} ({backend.type_name}) cannot create volumes from a {kind}"
+        )
+    parsed = ids.parse(raw)
+    if parsed is None:
+        raise errors.NotFound(f"source {kind} {raw!r} does not exist")
+    if parsed.backend != backend_name:
+        raise errors.InvalidArgument(
+            f"source {kind} {raw!r} lives in backend {parsed.backend!r}, not {backend_name!r}"
+        )
+    return Source(kind, parsed.local)
+
+
+def _source_pb(backend_name: str, source: Source) -> pb.VolumeContentSource:
+    full = str(ids.ObjectId(backend_name, source.local_id))
+    if source.kind == "snapshot":
+        return pb.VolumeContentSource(
+            snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=full))
+    return pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=full))
+
+
+class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
 
@@ -55,12 +88,24 @@ class ControllerService(pb_grpc.ControllerServicer):
         return any(dict(t.segments) == ours for t in requirement.requisite)
 
     def _volume_pb(self, backend_name: str, backend: Backend, volume: Volume) -> pb.Volume:
-        return pb.Volume(
+        message = pb.Volume(
             volume_id=str(ids.ObjectId(backend_name, volume.local_id)),
             capacity_bytes=volume.size,
             volume_context=dict(volume.context),
             accessible_topology=self._topology(backend),
         )
+        if volume.source is not None:
+            message.content_source.CopyFrom(_source_pb(backend_name, volume.source))
+        return message
+
+    def _existing(self, volume_id: str) -> tuple[str, Backend, Volume]:
+        if not volume_id:
+            raise errors.InvalidArgument("volume_id is required")
+        found = self.driver.backend_for_id(volume_id)
+        volume = found[1].get_volume(found[0].local) if found else None
+        if found is None or volume is None:
+            raise errors.NotFound(f"volume {volume_id!r} does not exist")
+        return found[0].backend, found[1], volume
 
     # -- RPCs ----------------------------------------------------------------------------
     def CreateVolume(self, request: pb.CreateVolumeRequest, context: grpc.ServicerContext
@@ -71,10 +116,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         parameters = dict(request.parameters)
         backend_name, backend = self.driver.backend_for_parameters(parameters)
         capabilities.require_supported(backend, caps)
-        if request.HasField("volume_content_source"):
-            raise errors.InvalidArgument(
-                f"backend {backend_name!r} cannot create volumes from a snapshot or another volume"
-            )
+        source = _source(request, backend_name, backend)
         own = self.driver.backend_parameters(parameters)
         unknown = sorted(set(own) - backend.features.parameters)
         if unknown:
@@ -92,16 +134,19 @@ class ControllerService(pb_grpc.ControllerServicer):
                 "which the accessibility requirements exclude"
             )
         with self.driver.locks.hold(f"name:{request.name}"):
-            volume = backend.create_volume(
-                VolumeRequest(name=request.name, size=size, capabilities=tuple(caps),
-                              parameters=parameters)
-            )
+            volume = backend.create_volume(VolumeRequest(
+                name=request.name, size=size, capabilities=tuple(caps), parameters=parameters,
+                source=source, mutable_parameters=dict(request.mutable_parameters),
+                limit=request.capacity_range.limit_bytes,
+            ))
         if volume.name != request.name:
             raise errors.Internal("backend returned a volume of another name")
-        if not _fits(volume.size, request.capacity_range) or dict(volume.parameters) != parameters:
+        if (not _fits(volume.size, request.capacity_range)
+                or dict(volume.parameters) != parameters or volume.source != source
+                or any(c.block != volume.block for c in caps)):
             raise errors.AlreadyExists(
-                f"volume {request.name!r} already exists with size {volume.size} and other "
-                "parameters or capacity than requested"
+                f"volume {request.name!r} already exists with another size, parameters, source "
+                "or access type than requested"
             )
         return pb.CreateVolumeResponse(volume=self._volume_pb(backend_name, backend, volume))
 
@@ -117,13 +162,6 @@ class ControllerService(pb_grpc.ControllerServicer):
             backend.delete_volume(parsed.local)
         return pb.DeleteVolumeResponse()
 
-    def _existing(self, volume_id: str) -> tuple[str, Backend, Volume]:
-        found = self.driver.backend_for_id(volume_id)
-        volume = found[1].get_volume(found[0].local) if found else None
-        if found is None or volume is None:
-            raise errors.NotFound(f"volume {volume_id!r} does not exist")
-        return found[0].backend, found[1], volume
-
     def ValidateVolumeCapabilities(
         self, request: pb.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> pb.ValidateVolumeCapabilitiesResponse:
@@ -132,6 +170,8 @@ class ControllerService(pb_grpc.ControllerServicer):
         caps = capabilities.parse_all(request.volume_capabilities)
         _, backend, volume = self._existing(request.volume_id)
         reasons = [r for r in (capabilities.unsupported(backend, c) for c in caps) if r]
+        if any(c.block != volume.block for c in caps):
+            reasons.append(f"the volume is {'raw block' if volume.block else 'a filesystem'}")
         if request.parameters and dict(request.parameters) != dict(volume.parameters):
             reasons.append("parameters differ from the ones the volume was created with")
         if reasons:
@@ -144,28 +184,78 @@ class ControllerService(pb_grpc.ControllerServicer):
             )
         )
 
+    def _status(self, backend: Backend, volume: Volume) -> pb.ListVolumesResponse.VolumeStatus:
+        status = pb.ListVolumesResponse.VolumeStatus()
+        if backend.features.volume_condition and volume.condition is not None:
+            status.volume_condition.CopyFrom(convert.condition_pb(volume.condition))
+        return status
+
     def ListVolumes(self, request: pb.ListVolumesRequest, context: grpc.ServicerContext
                     ) -> pb.ListVolumesResponse:
-        if request.max_entries < 0:
-            raise errors.InvalidArgument("max_entries must not be negative")
-        if request.starting_token and ids.parse(request.starting_token) is None:
-            raise errors.Aborted(f"starting_token {request.starting_token!r} was not issued by us")
-        listed = sorted(
-            (str(ids.ObjectId(name, v.local_id)), name, backend, v)
-            for name, backend in self.driver.backends.items()
-            for v in backend.list_volumes()
+        rows = sorted(
+            ((str(ids.ObjectId(name, v.local_id)), (name, backend, v))
+             for name, backend in self.driver.backends.items() for v in backend.list_volumes()),
+            key=lambda row: row[0],
         )
-        # The token is the ID of the next entry, so deletions between pages skip nothing.
-        start = bisect.bisect_left([row[0] for row in listed], request.starting_token or "")
-        end = start + request.max_entries if request.max_entries else len(listed)
-        page = listed[start:end]
+        entries, token = pagination.page(rows, request.max_entries, request.starting_token)
         return pb.ListVolumesResponse(
             entries=[
-                pb.ListVolumesResponse.Entry(volume=self._volume_pb(name, backend, volume))
-                for _, name, backend, volume in page
+                pb.ListVolumesResponse.Entry(volume=self._volume_pb(name, backend, volume),
+                                             status=self._status(backend, volume))
+                for name, backend, volume in entries
             ],
-            next_token=listed[end][0] if end < len(listed) else "",
+            next_token=token,
         )
+
+    def ControllerGetVolume(self, request: pb.ControllerGetVolumeRequest,
+                            context: grpc.ServicerContext) -> pb.ControllerGetVolumeResponse:
+        name, backend, volume = self._existing(request.volume_id)
+        response = pb.ControllerGetVolumeResponse(volume=self._volume_pb(name, backend, volume))
+        listed = self._status(backend, volume)
+        if listed.HasField("volume_condition"):
+            response.status.volume_condition.CopyFrom(listed.volume_condition)
+        return response
+
+    def ControllerExpandVolume(self, request: pb.ControllerExpandVolumeRequest,
+                               context: grpc.ServicerContext
+                               ) -> pb.ControllerExpandVolumeResponse:
+        if not request.volume_id:
+            raise errors.InvalidArgument("volume_id is required")
+        rng = request.capacity_range
+        if not request.HasField("capacity_range") or not (rng.required_bytes or rng.limit_bytes):
+            raise errors.InvalidArgument("capacity_range is required")
+        if rng.required_bytes < 0 or rng.limit_bytes < 0 or (
+                rng.limit_bytes and rng.required_bytes > rng.limit_bytes):
+            raise errors.InvalidArgument("capacity_range is inconsistent")
+        with self.driver.locks.hold(f"id:{request.volume_id}"):
+            _, backend, volume = self._existing(request.volume_id)
+            if backend.features.expansion is Expansion.NONE:
+                raise errors.InvalidArgument(f"backend {backend.name!r} cannot expand volumes")
+            size, node_needed = backend.expand_volume(
+                volume.local_id, rng.required_bytes or rng.limit_bytes)
+        if rng.limit_bytes and size > rng.limit_bytes:
+            raise errors.OutOfRange(
+                f"the volume is already {size} bytes, more than limit_bytes {rng.limit_bytes}"
+            )
+        return pb.ControllerExpandVolumeResponse(capacity_bytes=size,
+                                                 node_expansion_required=node_needed)
+
+    def ControllerModifyVolume(self, request: pb.ControllerModifyVolumeRequest,
+                               context: grpc.ServicerContext
+                               ) -> pb.ControllerModifyVolumeResponse:
+        if not request.mutable_parameters:
+            raise errors.InvalidArgument("mutable_parameters must not be empty")
+        with self.driver.locks.hold(f"id:{request.volume_id}"):
+            _, backend, volume = self._existing(request.volume_id)
+            unknown = sorted(set(request.mutable_parameters) - backend.features.mutable_parameters)
+            if unknown:
+                allowed = ", ".join(sorted(backend.features.mutable_parameters)) or "none"
+                raise errors.InvalidArgument(
+                    f"parameter(s) {', '.join(unknown)} cannot be modified on backend "
+                    f"{backend.name!r}; mutable: {allowed}"
+                )
+            backend.modify_volume(volume.local_id, dict(request.mutable_parameters))
+        return pb.ControllerModifyVolumeResponse()
 
     def GetCapacity(self, request: pb.GetCapacityRequest, context: grpc.ServicerContext
                     ) -> pb.GetCapacityResponse:
@@ -188,10 +278,22 @@ class ControllerService(pb_grpc.ControllerServicer):
     def ControllerGetCapabilities(
         self, request: pb.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> pb.ControllerGetCapabilitiesResponse:
+        features = [b.features for b in self.driver.backends.values()]
         wanted = [_Cap.CREATE_DELETE_VOLUME, _Cap.LIST_VOLUMES, _Cap.GET_CAPACITY]
-        if any(AccessMode.SINGLE_NODE_MULTI_WRITER in b.features.access_modes
-               for b in self.driver.backends.values()):
-            wanted.append(_Cap.SINGLE_NODE_MULTI_WRITER)
+        for cap, present in (
+            (_Cap.SINGLE_NODE_MULTI_WRITER,
+             any(AccessMode.SINGLE_NODE_MULTI_WRITER in f.access_modes for f in features)),
+            (_Cap.CREATE_DELETE_SNAPSHOT, any(f.snapshots for f in features)),
+            (_Cap.LIST_SNAPSHOTS, any(f.snapshots for f in features)),
+            (_Cap.GET_SNAPSHOT, any(f.snapshots for f in features)),
+            (_Cap.CLONE_VOLUME, any(f.clones for f in features)),
+            (_Cap.EXPAND_VOLUME, any(f.expansion is not Expansion.NONE for f in features)),
+            (_Cap.GET_VOLUME, True),
+            (_Cap.VOLUME_CONDITION, any(f.volume_condition for f in features)),
+            (_Cap.MODIFY_VOLUME, any(f.mutable_parameters for f in features)),
+        ):
+            if present:
+                wanted.append(cap)
         return pb.ControllerGetCapabilitiesResponse(
             capabilities=[
                 pb.ControllerServiceCapability(rpc=pb.ControllerServiceCapability.RPC(type=t))

@@ -8,6 +8,7 @@ import grpc
 from google.protobuf.wrappers_pb2 import BoolValue
 
 from .. import __version__
+from ..backends.base import Expansion
 from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
 from ..driver import Driver
@@ -15,6 +16,7 @@ from ..errors import CsiError
 
 log = logging.getLogger(__name__)
 _Service = pb.PluginCapability.Service.Type
+_Expansion = pb.PluginCapability.VolumeExpansion.Type
 
 
 class IdentityService(pb_grpc.IdentityServicer):
@@ -30,14 +32,21 @@ class IdentityService(pb_grpc.IdentityServicer):
     def GetPluginCapabilities(self, request: pb.GetPluginCapabilitiesRequest,
                               context: grpc.ServicerContext) -> pb.GetPluginCapabilitiesResponse:
         services = []
+        features = [b.features for b in self.driver.backends.values()]
         if self.controller:
             services.append(_Service.CONTROLLER_SERVICE)
-        if any(b.features.node_local for b in self.driver.backends.values()):
+            if any(f.group_snapshots for f in features):
+                services.append(_Service.GROUP_CONTROLLER_SERVICE)
+        if any(f.node_local for f in features):
             services.append(_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
-        return pb.GetPluginCapabilitiesResponse(
-            capabilities=[pb.PluginCapability(service=pb.PluginCapability.Service(type=s))
-                          for s in services]
-        )
+        caps = [pb.PluginCapability(service=pb.PluginCapability.Service(type=s))
+                for s in services]
+        expansions = {f.expansion for f in features}
+        if Expansion.ONLINE in expansions or Expansion.OFFLINE in expansions:
+            kind = (_Expansion.ONLINE if Expansion.ONLINE in expansions else _Expansion.OFFLINE)
+            caps.append(pb.PluginCapability(
+                volume_expansion=pb.PluginCapability.VolumeExpansion(type=kind)))
+        return pb.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(self, request: pb.ProbeRequest, context: grpc.ServicerContext) -> pb.ProbeResponse:
         ready = True

@@ -7,24 +7,56 @@ mounted are safe.
 from __future__ import annotations
 
 import os
+import stat
 
 import grpc
 
 from .. import errors
-from ..backends.base import AccessMode, Backend
+from ..backends.base import AccessMode, Backend, Capability, Expansion
 from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
 from ..driver import Driver
 from ..ids import ObjectId
 from ..node import mounts
-from . import capabilities
+from . import capabilities, convert
 
 _Cap = pb.NodeServiceCapability.RPC.Type
+READ_ONLY_MODES = (AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY)
+# Modes that allow one published writer on the node (Kubernetes ReadWriteOncePod).
+EXCLUSIVE_MODES = (AccessMode.SINGLE_NODE_WRITER, AccessMode.SINGLE_NODE_SINGLE_WRITER)
 
 
 def _require(value: str, field: str) -> None:
     if not value:
         raise errors.InvalidArgument(f"{field} is required")
+
+
+def _capability(message: pb.VolumeCapability, backend: Backend) -> Capability:
+    cap = capabilities.from_pb(message)
+    reason = capabilities.unsupported(backend, cap)
+    if reason:  # the spec's "exceeds capabilities" row for the node RPCs
+        raise errors.FailedPrecondition(reason)
+    return cap
+
+
+def _remove(path: str) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise errors.Internal(f"could not remove {path}: {exc.strerror}") from exc
+
+
+def _device_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 class NodeService(pb_grpc.NodeServicer):
@@ -37,15 +69,26 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.NotFound(f"volume {volume_id!r} is not a volume of this driver")
         return found
 
+    def _shows(self, volume_id: str, path: str) -> bool | None:
+        """Whether `path` is a mount of `volume_id` (None: nothing is mounted there).
+
+        NOT_FOUND when nothing is mounted and the volume does not exist, as the spec's tables ask.
+        """
+        found = self.driver.backend_for_id(volume_id)
+        if mounts.mount_at(path) is None:
+            if found is None or found[1].get_volume(found[0].local) is None:
+                raise errors.NotFound(f"volume {volume_id!r} does not exist")
+            return None
+        return found is not None and found[1].owns_mount(found[0].local, path)
+
     def NodeStageVolume(self, request: pb.NodeStageVolumeRequest, context: grpc.ServicerContext
                         ) -> pb.NodeStageVolumeResponse:
         _require(request.volume_id, "volume_id")
         _require(request.staging_target_path, "staging_target_path")
         if not request.HasField("volume_capability"):
             raise errors.InvalidArgument("volume_capability is required")
-        cap = capabilities.from_pb(request.volume_capability)
         parsed, backend = self._volume(request.volume_id)
-        capabilities.require_supported(backend, [cap])
+        cap = _capability(request.volume_capability, backend)
         with self.driver.locks.hold(f"id:{request.volume_id}"):
             backend.stage(parsed.local, request.staging_target_path, cap,
                           dict(request.volume_context))
@@ -57,7 +100,9 @@ class NodeService(pb_grpc.NodeServicer):
         _require(request.staging_target_path, "staging_target_path")
         parsed, backend = self._volume(request.volume_id)
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            backend.unstage(parsed.local, request.staging_target_path)
+            # Another volume's mount there is not ours to undo: the spec says reply OK.
+            if self._shows(request.volume_id, request.staging_target_path) is not False:
+                backend.unstage(parsed.local, request.staging_target_path)
         return pb.NodeUnstageVolumeResponse()
 
     def NodePublishVolume(self, request: pb.NodePublishVolumeRequest,
@@ -66,79 +111,108 @@ class NodeService(pb_grpc.NodeServicer):
         _require(request.target_path, "target_path")
         if not request.HasField("volume_capability"):
             raise errors.InvalidArgument("volume_capability is required")
-        _require(request.staging_target_path, "staging_target_path")
-        cap = capabilities.from_pb(request.volume_capability)
         parsed, backend = self._volume(request.volume_id)
-        capabilities.require_supported(backend, [cap])
-        read_only = request.readonly or cap.access_mode in (
-            AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY)
-        flags = mounts.bind_flags(cap.mount_flags, read_only)
+        cap = _capability(request.volume_capability, backend)
+        if not request.staging_target_path:
+            raise errors.FailedPrecondition(
+                "staging_target_path is not set; this driver stages volumes first"
+            )
+        if backend.get_volume(parsed.local) is None:
+            raise errors.NotFound(f"volume {request.volume_id!r} does not exist")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            staged = mounts.mount_at(request.staging_target_path)
-            if staged is None or not backend.owns_mount(parsed.local, request.staging_target_path):
+            source = backend.publish_source(parsed.local, request.staging_target_path, cap)
+            staged = mounts.mount_at(source)
+            if staged is None or not backend.owns_mount(parsed.local, source):
                 raise errors.FailedPrecondition(
                     f"volume {request.volume_id!r} is not staged at {request.staging_target_path}; "
                     "call NodeStageVolume first"
                 )
-            mounts.ensure_bind(request.staging_target_path, request.target_path, flags,
+            read_only = request.readonly or cap.access_mode in READ_ONLY_MODES or staged.read_only
+            if cap.access_mode in EXCLUSIVE_MODES and not read_only:
+                self._check_exclusive(staged, source, request.target_path)
+            flags = mounts.bind_flags(cap.mount_flags, read_only)
+            mounts.ensure_bind(source, request.target_path, flags,
                                make="file" if cap.block else "dir")
         return pb.NodePublishVolumeResponse()
+
+    @staticmethod
+    def _check_exclusive(staged: mounts.MountEntry, source: str, target: str) -> None:
+        """Refuse a second writer of a single-writer volume (the spec's FAILED_PRECONDITION)."""
+        real = {os.path.realpath(source), os.path.realpath(target)}
+        for entry in mounts.mount_table():
+            if (entry.device == staged.device and entry.root == staged.root
+                    and entry.mount_point not in real and not entry.read_only
+                    and entry.mount_id != staged.mount_id):
+                raise errors.FailedPrecondition(
+                    f"the volume is already published for writing at {entry.mount_point} and its "
+                    "access mode allows one writer"
+                )
 
     def NodeUnpublishVolume(self, request: pb.NodeUnpublishVolumeRequest,
                             context: grpc.ServicerContext) -> pb.NodeUnpublishVolumeResponse:
         _require(request.volume_id, "volume_id")
         _require(request.target_path, "target_path")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            mounts.unmount(request.target_path)
-            # We created the target at publish; the spec makes removing it our job too.
-            try:
-                if os.path.isdir(request.target_path):
-                    os.rmdir(request.target_path)
-                else:
-                    os.unlink(request.target_path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise errors.Internal(
-                    f"could not remove target path {request.target_path}: {exc.strerror}"
-                ) from exc
+            shows = self._shows(request.volume_id, request.target_path)
+            if shows is False:
+                return pb.NodeUnpublishVolumeResponse()  # another volume's: leave it alone
+            if shows:
+                mounts.unmount(request.target_path)
+            _remove(request.target_path)  # we created it at publish: removing it is ours too
         return pb.NodeUnpublishVolumeResponse()
 
-    def NodeGetVolumeStats(self, request: pb.NodeGetVolumeStatsRequest,
-                           context: grpc.ServicerContext) -> pb.NodeGetVolumeStatsResponse:
-        _require(request.volume_id, "volume_id")
-        _require(request.volume_path, "volume_path")
-        parsed, backend = self._volume(request.volume_id)
-        path = request.volume_path
+    def _published(self, volume_id: str, path: str) -> tuple[ObjectId, Backend]:
+        _require(volume_id, "volume_id")
+        _require(path, "volume_path")
+        parsed, backend = self._volume(volume_id)
         if not os.path.exists(path):
             raise errors.NotFound(f"volume_path {path} does not exist")
         if mounts.mount_at(path) is None or not backend.owns_mount(parsed.local, path):
-            raise errors.NotFound(f"volume {request.volume_id!r} is not mounted at {path}")
-        st = os.statvfs(path)
+            raise errors.NotFound(f"volume {volume_id!r} is not mounted at {path}")
+        return parsed, backend
+
+    def NodeGetVolumeStats(self, request: pb.NodeGetVolumeStatsRequest,
+                           context: grpc.ServicerContext) -> pb.NodeGetVolumeStatsResponse:
+        parsed, backend = self._published(request.volume_id, request.volume_path)
+        path = request.volume_path
         unit = pb.VolumeUsage.Unit
-        return pb.NodeGetVolumeStatsResponse(
-            usage=[
-                pb.VolumeUsage(
-                    unit=unit.BYTES,
-                    total=st.f_blocks * st.f_frsize,
-                    available=st.f_bavail * st.f_frsize,
-                    used=(st.f_blocks - st.f_bfree) * st.f_frsize,
-                ),
-                pb.VolumeUsage(
-                    unit=unit.INODES,
-                    total=st.f_files,
-                    available=st.f_favail,
-                    used=st.f_files - st.f_ffree,
-                ),
-            ]
-        )
+        response = pb.NodeGetVolumeStatsResponse()
+        if stat.S_ISBLK(os.stat(path).st_mode):
+            response.usage.append(pb.VolumeUsage(unit=unit.BYTES, total=_device_size(path)))
+        else:
+            st = os.statvfs(path)
+            response.usage.extend([
+                pb.VolumeUsage(unit=unit.BYTES, total=st.f_blocks * st.f_frsize,
+                               available=st.f_bavail * st.f_frsize,
+                               used=(st.f_blocks - st.f_bfree) * st.f_frsize),
+                pb.VolumeUsage(unit=unit.INODES, total=st.f_files, available=st.f_favail,
+                               used=st.f_files - st.f_ffree),
+            ])
+        if backend.features.volume_condition:
+            response.volume_condition.CopyFrom(
+                convert.condition_pb(backend.node_condition(parsed.local, path)))
+        return response
+
+    def NodeExpandVolume(self, request: pb.NodeExpandVolumeRequest,
+                         context: grpc.ServicerContext) -> pb.NodeExpandVolumeResponse:
+        parsed, backend = self._published(request.volume_id, request.volume_path)
+        if backend.features.expansion is Expansion.NONE:
+            raise errors.InvalidArgument(f"backend {parsed.backend!r} cannot expand volumes")
+        with self.driver.locks.hold(f"id:{request.volume_id}"):
+            size = backend.node_expand(parsed.local, request.volume_path,
+                                       request.staging_target_path)
+        return pb.NodeExpandVolumeResponse(capacity_bytes=size)
 
     def NodeGetCapabilities(self, request: pb.NodeGetCapabilitiesRequest,
                             context: grpc.ServicerContext) -> pb.NodeGetCapabilitiesResponse:
+        features = [b.features for b in self.driver.backends.values()]
         wanted = [_Cap.STAGE_UNSTAGE_VOLUME, _Cap.GET_VOLUME_STATS]
-        if any(AccessMode.SINGLE_NODE_MULTI_WRITER in b.features.access_modes
-               for b in self.driver.backends.values()):
+        if any(AccessMode.SINGLE_NODE_MULTI_WRITER in f.access_modes for f in features):
             wanted.append(_Cap.SINGLE_NODE_MULTI_WRITER)
+        if any(f.expansion is not Expansion.NONE for f in features):
+            wanted.append(_Cap.EXPAND_VOLUME)
+        if any(f.volume_condition for f in features):
+            wanted.append(_Cap.VOLUME_CONDITION)
         return pb.NodeGetCapabilitiesResponse(
             capabilities=[pb.NodeServiceCapability(rpc=pb.NodeServiceCapability.RPC(type=t))
                           for t in wanted]

@@ -1,0 +1,205 @@
+"""`python -m bench`: start the driver, run the scenarios, clean up, print and save the report.
+
+Run it through bench/run, which puts it in a private mount namespace: nothing it mounts (or that
+the driver mounts for it) can outlive it or show on the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import ExitStack
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from . import leaks
+from .csi import Csi, MiB
+from .driver import REPO, DriverError, RssSampler, start, status_kib
+from .fs import FsError, loop_filesystem
+from .ops import Ops
+from .report import Report, render, write_json
+from .scenarios import DEFAULT_PLAN, QUICK_PLAN, SCENARIOS, Plan
+
+IDLE_SETTLE_S = 0.5  # let start-up allocations finish before the idle RSS reading
+ALIASES = {"clone": "snapshot", "create": "create-delete", "delete": "create-delete"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run", description="Benchmark the Berth CSI driver.")
+    p.add_argument("--quick", action="store_true", help="small counts: a smoke run of seconds")
+    p.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)} "
+                                  "(clone is an alias of snapshot)")
+    p.add_argument("-n", type=float, default=1.0, metavar="FACTOR",
+                   help="multiply every operation count by FACTOR")
+    p.add_argument("--fs", choices=["none", "xfs", "ext4"], default="none",
+                   help="put the backend on a fresh loop-mounted filesystem of this type")
+    p.add_argument("--image-gib", type=int, default=8, help="size of the --fs image (sparse)")
+    p.add_argument("--data-path", help="put the backend in a fresh directory under this path")
+    p.add_argument("--fill-mib", type=int, help="data in the snapshot/clone source volume "
+                                                "(default 1024, 64 with --quick)")
+    p.add_argument("--driver-src", default=REPO, metavar="DIR",
+                   help="run the csi_driver package of another checkout, e.g. a baseline commit "
+                        "exported with git archive (default: this repo)")
+    p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "latest.json"),
+                   help="where to write the JSON report (default bench/results/latest.json)")
+    args = p.parse_args(argv)
+    if args.fs != "none" and args.data_path:
+        p.error("--fs and --data-path both choose where the data goes; give one")
+    if args.data_path and not os.path.isdir(args.data_path):
+        p.error(f"--data-path {args.data_path}: not a directory")
+    if not os.path.isfile(os.path.join(args.driver_src, "csi_driver", "__main__.py")):
+        p.error(f"--driver-src {args.driver_src}: no csi_driver package there")
+    args.driver_src = os.path.abspath(args.driver_src)
+    if args.n <= 0:
+        p.error("-n must be positive")
+    return args
+
+
+def selected(only: str | None) -> list[str]:
+    if not only:
+        return list(SCENARIOS)
+    wanted = {ALIASES.get(w.strip(), w.strip()) for w in only.split(",") if w.strip()}
+    unknown = wanted - set(SCENARIOS)
+    if unknown:
+        raise SystemExit(f"bench: unknown scenario(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(SCENARIOS)}")
+    return [s for s in SCENARIOS if s in wanted]  # always in the documented order
+
+
+def git_state(source: str) -> dict[str, str]:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", source, *args], capture_output=True, text=True,
+                              check=False, timeout=30)
+        return done.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty": "yes" if git("status", "--porcelain", "--", "csi_driver") else "no"}
+
+
+def in_private_namespace() -> bool:
+    """Whether bench/run's unshare put us in a mount namespace of our own.
+
+    bench/run records the namespace it started in; comparing with that works wherever it was
+    started from (our parent may be gone, and /proc/1 may not be readable in a container).
+    """
+    outer = os.environ.get("BENCH_OUTER_MNT_NS")
+    return bool(outer) and os.readlink("/proc/self/ns/mnt") != outer
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def run_driver(report: Report, args: argparse.Namespace, workdir: str, data_path: str,
+               plan: Plan, names: list[str], keep: tuple[str, ...]) -> None:
+    """Everything between spawning the driver and its exit, with cleanup on every path."""
+    driver = start(workdir, data_path, args.driver_src)
+    report.startup_ms, report.socket_ms = driver.startup_ms, driver.socket_ms
+    log(f"driver pid {driver.pid} answered after {driver.startup_ms:.0f} ms")
+    time.sleep(IDLE_SETTLE_S)
+    idle = status_kib(driver.pid, "VmRSS")
+    report.rss_idle_mib = idle / 1024 if idle else None
+    sampler = RssSampler(driver.pid)
+    sampler.start()
+    csi = Csi(driver.socket_path)
+    ops = Ops(csi, workdir)
+    base = os.urandom(MiB)
+    try:
+        for name in names:
+            log(f"scenario {name} ...")
+            t0 = time.perf_counter()
+            try:
+                report.add(name, SCENARIOS[name](ops, plan, base))
+            except Exception as exc:  # a benchmark bug: report it, still clean up and go on
+                traceback.print_exc()
+                report.bench_failures.append(f"{name}: {exc!r}")
+            log(f"scenario {name} took {time.perf_counter() - t0:.1f}s")
+            if driver.proc.poll() is not None:  # later scenarios would only pile up UNAVAILABLE
+                report.bench_failures.append(
+                    f"driver exited ({driver.proc.returncode}) during {name}; stopped there. "
+                    f"Its last log lines:\n{driver.log_tail()}")
+                break
+    finally:
+        swept = ops.sweep()
+        if swept.errors:
+            report.add("final", [swept])
+        report.anomalies = dict(ops.anomalies)
+        report.leaks += leaks.check_driver(csi)
+        sampler.stop()
+        hwm = status_kib(driver.pid, "VmHWM")
+        report.rss_peak_mib = sampler.peak_kib / 1024 if sampler.samples else None
+        report.rss_samples = sampler.samples
+        report.rss_hwm_mib = hwm / 1024 if hwm else None
+        csi.close()
+        try:
+            report.driver_exit_code = driver.stop()
+        except DriverError as exc:
+            report.bench_failures.append(str(exc))
+        report.leaks += leaks.check_disk(workdir, data_path, keep)
+        # Kept beside the report: its one line per RPC has the driver's side of every error.
+        out_log = os.path.splitext(report.meta["out"])[0] + ".driver.log"
+        os.makedirs(os.path.dirname(out_log), exist_ok=True)
+        shutil.copyfile(driver.log_path, out_log)
+        report.meta["driver_log"] = out_log
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0 or not in_private_namespace():
+        log("needs root in a private mount namespace; run it as bench/run")
+        return 2
+    plan = (QUICK_PLAN if args.quick else DEFAULT_PLAN).scaled(args.n)
+    if args.fill_mib:
+        plan = replace(plan, fill_mib=args.fill_mib)
+    names = selected(args.only)
+    meta: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "argv": sys.argv[1:],
+        "out": os.path.abspath(args.out), "plan": asdict(plan), "scenarios": names,
+        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "driver_src": args.driver_src, **git_state(args.driver_src),
+    }
+    report = Report(meta)
+    workdir = tempfile.mkdtemp(prefix="berth-bench-")
+    keep: tuple[str, ...] = ()
+    try:
+        with ExitStack() as stack:
+            if args.fs != "none":
+                # Room for the source and, without reflink, a snapshot, a restore and a clone.
+                gib = max(args.image_gib, 5 * plan.fill_mib // 1024 + 2)
+                root = stack.enter_context(loop_filesystem(args.fs, workdir, gib))
+                keep = (root,)
+            elif args.data_path:
+                root = tempfile.mkdtemp(prefix="berth-bench-", dir=args.data_path)
+                stack.callback(shutil.rmtree, root, ignore_errors=True)
+            else:
+                root = workdir
+            data_path = os.path.join(root, "data")
+            meta["data_path"], meta["fs"] = data_path, leaks.fs_type_of(root)
+            log(f"backend data in {data_path} ({meta['fs']}); work dir {workdir}")
+            try:
+                run_driver(report, args, workdir, data_path, plan, names, keep)
+            finally:
+                leaks.force_unmount(leaks.mounts_under(workdir, keep))
+    except (DriverError, FsError) as exc:
+        report.bench_failures.append(str(exc))
+    finally:
+        if leaks.mounts_under(workdir):
+            report.leaks.append(f"could not unmount everything; left {workdir} in place")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(render(report))
+    write_json(report, args.out)
+    log(f"wrote {args.out}; {'OK' if report.ok else 'FINDINGS (see above)'}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""hostPath backend: volumes and snapshots on the node's own filesystem (see store.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+from collections.abc import Iterator, Mapping
+
+from ... import errors, ids
+from ...node import copying, filesystems, loop, mounts
+from ..base import (
+    SINGLE_NODE_MODES,
+    Backend,
+    BackendConfig,
+    Capability,
+    Capacity,
+    Condition,
+    Expansion,
+    Features,
+    GroupSnapshot,
+    NodeInfo,
+    Snapshot,
+    Source,
+    Volume,
+    VolumeRequest,
+)
+from .attach import Attacher, block_target
+from .config import HostPathConfig
+from .store import BLOCK, DIRECTORY, IMAGE, GroupRecord, Record, Store
+
+MiB = 1 << 20
+MUTABLE = {"readOnly": ("true", "false")}
+
+
+class HostPathBackend(Backend):
+    type_name = "hostpath"
+    Config = HostPathConfig
+    features = Features(
+        access_modes=SINGLE_NODE_MODES,
+        block=True,
+        node_local=True,
+        parameters=frozenset({"layout"}),
+        mutable_parameters=frozenset(MUTABLE),
+        snapshots=True,
+        clones=True,
+        group_snapshots=True,
+        expansion=Expansion.ONLINE,
+        volume_condition=True,
+    )
+
+    def __init__(self, name: str, config: BackendConfig, node: NodeInfo) -> None:
+        super().__init__(name, config, node)
+        assert isinstance(config, HostPathConfig)
+        self.config = config
+        self.default_volume_size = config.defaultVolumeSize
+        self.store = Store(config.path)
+        self.attacher = Attacher(self.store)
+        self._sizes: dict[str, int] = {}
+        self._sizes_lock = threading.Lock()
+        self._ready = False
+
+    # -- identity ------------------------------------------------------------------------
+    def probe(self) -> None:
+        if not self._ready:
+            try:
+                self.store.prepare()
+            except OSError as exc:
+                raise errors.Unavailable(
+                    f"hostpath backend {self.name!r} cannot use {self.store.root}: {exc.strerror}"
+                ) from exc
+            with self._sizes_lock:
+                self._sizes = {i: r.size for i, r in self._records(self.store.volumes)}
+            self._ready = True
+        if not os.access(self.store.volumes, os.W_OK):
+            raise errors.Unavailable(
+                f"hostpath backend {self.name!r}: {self.store.volumes} is not writable"
+            )
+
+    # -- records <-> interface types -------------------------------------------------------
+    def _records(self, kind_dir: str) -> Iterator[tuple[str, Record]]:
+        for local_id in self.store.ids(kind_dir):
+            rec = self.store.read(kind_dir, local_id)
+            if rec is not None:
+                yield local_id, rec
+
+    def _volume(self, local_id: str, rec: Record, condition: bool = True) -> Volume:
+        cond = None
+        if condition:
+            payload = self.store.payload(self.store.volumes, local_id, rec)
+            cond = (Condition(True, f"backing {os.path.basename(payload)} is missing")
+                    if not os.path.exists(payload) else Condition(False, ""))
+        return Volume(
+            local_id=local_id, name=rec.name, size=rec.size, parameters=rec.parameters,
+            source=Source(rec.source_kind, rec.source_id) if rec.source_kind else None,
+            block=rec.layout == BLOCK, mutable_parameters=rec.mutable, condition=cond,
+            context={"layout": rec.layout, **({"fsType": rec.fs_type} if rec.fs_type else {})},
+        )
+
+    @staticmethod
+    def _snapshot(local_id: str, rec: Record) -> Snapshot:
+        return Snapshot(local_id=local_id, name=rec.name, source_volume=rec.source_id,
+                        size=rec.size, created_at=rec.created, group=rec.group)
+
+    def _existing_volume(self, local_id: str) -> Record:
+        rec = self.store.read(self.store.volumes, local_id)
+        if rec is None:
+            raise errors.NotFound(f"volume {self.name}:{local_id} does not exist")
+        return rec
+
+    # -- capacity ------------------------------------------------------------------------
+    def _available(self) -> int:
+        if self.config.capacity is not None:
+            with self._sizes_lock:
+                used = sum(self._sizes.values())
+            return max(0, self.config.capacity - used)
+        st = os.statvfs(self.store.volumes)
+        return st.f_bavail * st.f_frsize
+
+    def _reserve(self, local_id: str, size: int, current: int = 0) -> None:
+        if size - current > self._available():
+            raise errors.ResourceExhausted(
+                f"hostpath backend {self.name!r} has {self._available()} bytes left; "
+                f"{size - current} more requested"
+            )
+
+    def capacity(self, parameters: Mapping[str, str]) -> Capacity:
+        self.probe()
+        available = self._available()
+        return Capacity(available=available, maximum_volume_size=available)
+
+    # -- volumes -------------------------------------------------------------------------
+    def _layout_for(self, request: VolumeRequest) -> tuple[str, str]:
+        blocks = {c.block for c in request.capabilities}
+        if blocks == {True, False}:
+            raise errors.InvalidArgument("a volume is either raw block or mounted, not both")
+        if True in blocks:
+            return BLOCK, ""
+        layout = request.parameters.get("layout", self.config.layout)
+        if layout not in (DIRECTORY, IMAGE):
+            raise errors.InvalidArgument(
+                f"parameter layout={layout!r} is not one of: {DIRECTORY}, {IMAGE}"
+            )
+        if layout == DIRECTORY:
+            return DIRECTORY, ""
+        fs_types = {c.fs_type for c in request.capabilities if c.fs_type}
+        if len(fs_types) > 1:
+            raise errors.InvalidArgument(f"conflicting filesystem types {sorted(fs_types)}")
+        fs_type = fs_types.pop() if fs_types else self.config.fsType
+        filesystems.check_supported(fs_type)
+        return IMAGE, fs_type
+
+    @staticmethod
+    def _sized(layout: str, fs_type: str, size: int, limit: int) -> int:
+        """Round to what the layout can hold: whole MiB, and a filesystem's minimum."""
+        if layout == DIRECTORY:
+            return size
+        size = max(size, filesystems.MINIMUM_SIZE.get(fs_type, MiB))
+        size = -(-size // MiB) * MiB
+        if limit and size > limit:
+            raise errors.OutOfRange(
+                f"a {layout} volume{' of ' + fs_type if fs_type else ''} needs at least {size} "
+                f"bytes; limit_bytes is {limit}"
+            )
+        return size
+
+    def _source(self, source: Source) -> tuple[str, Record]:
+        kind_dir = self.store.snapshots if source.kind == "snapshot" else self.store.volumes
+        rec = self.store.read(kind_dir, source.local_id)
+        if rec is None:
+            raise errors.NotFound(f"source {source.kind} {self.name}:{source.local_id} "
+                                  "does not exist")
+        return kind_dir, rec
+
+    def create_volume(self, request: VolumeRequest) -> Volume:
+        self.probe()
+        local_id = ids.local_id_for_name(request.name)
+        existing = self.store.read(self.store.volumes, local_id)
+        if existing is not None:
+            return self._volume(local_id, existing)
+        self._check_mutable(request.mutable_parameters)
+        layout, fs_type = self._layout_for(request)
+        size = request.size
+        source = None
+        if request.source is not None:
+            kind_dir, source = self._source(request.source)
+            if source.layout != layout:
+                raise errors.InvalidArgument(
+                    f"the source {request.source.kind} is a {source.layout} volume; "
+                    f"a {layout} volume cannot be made from it"
+                )
+            fs_type = source.fs_type
+            size = max(size, source.size)
+        size = self._sized(layout, fs_type, size, request.limit)
+        self._reserve(local_id, size)
+        rec = Record(name=request.name, size=size, layout=layout, fs_type=fs_type,
+                     parameters=dict(request.parameters), mutable=dict(request.mutable_parameters))
+        scratch = self.store.scratch(local_id)
+        try:
+            if request.source is not None and source is not None:
+                rec.source_kind, rec.source_id = request.source.kind, request.source.local_id
+                self._copy_payload(kind_dir, request.source.local_id, source, scratch)
+            elif layout == DIRECTORY:
+                os.mkdir(os.path.join(scratch, "data"))
+            else:
+                open(os.path.join(scratch, "disk.img"), "x").close()
+            if layout == DIRECTORY:
+                # World-writable like other hostPath drivers: pods run as arbitrary users.
+                os.chmod(os.path.join(scratch, "data"), 0o777)
+            else:
+                os.truncate(os.path.join(scratch, "disk.img"), size)
+            self.store.commit(scratch, self.store.volumes, local_id, rec, "create-volume")
+        except OSError as exc:
+            raise errors.Internal(f"could not create volume: {exc.strerror}") from exc
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)  # gone already when committed
+        with self._sizes_lock:
+            self._sizes[local_id] = size
+        return self._volume(local_id, rec)
+
+    def _copy_payload(self, kind_dir: str, local_id: str, rec: Record, scratch: str,
+                      freeze: bool = True) -> None:
+        source = self.store.payload(kind_dir, local_id, rec)
+        freeze = freeze and kind_dir == self.store.volumes
+        with self.attacher.frozen(local_id, rec) if freeze else contextlib.nullcontext():
+            if rec.layout == DIRECTORY:
+                os.mkdir(os.path.join(scratch, "data"))
+                copying.copy_tree(source, os.path.join(scratch, "data"))
+            else:
+                copying.copy_file(source, os.path.join(scratch, "disk.img"))
+
+    def _in_use(self, local_id: str) -> str | None:
+        """Where the volume is still mounted on this node, if anywhere."""
+        data = self.store.path(self.store.volumes, local_id, "data")
+        devices = set(loop.attached(self.store.path(self.store.volumes, local_id, "disk.img")))
+        for entry in mounts.mount_table():
+            if entry.source in devices or (
+                    entry.root.endswith(f"/{local_id}/data") and mounts.same_object(
+                        entry.mount_point, data)):
+                return entry.mount_point
+        return None
+
+    def delete_volume(self, local_id: str) -> None:
+        self.probe()
+        where = self._in_use(local_id)
+        if where is not None:
+            raise errors.FailedPrecondition(
+                f"volume {self.name}:{local_id} is still mounted at {where}; unpublish and "
+                "unstage it first"
+            )
+        loop.detach_all(self.store.path(self.store.volumes, local_id, "disk.img"))
+        if self.store.discard(self.store.volumes, local_id, "delete-volume"):
+            with self._sizes_lock:
+                self._sizes.pop(local_id, None)
+
+    def get_volume(self, local_id: str) -> Volume | None:
+        self.probe()
+        rec = self.store.read(self.store.volumes, local_id)
+        return None if rec is None else self._volume(local_id, rec)
+
+    def list_volumes(self) -> Iterator[Volume]:
+        self.probe()
+        return (self._volume(i, r) for i, r in self._records(self.store.volumes))
+
+    def expand_volume(self, local_id: str, size: int) -> tuple[int, bool]:
+        rec = self._existing_volume(local_id)
+        size = self._sized(rec.layout, rec.fs_type, size, 0)
+        if size <= rec.size:
+            return rec.size, False
+        self._reserve(local_id, size, rec.size)
+        if rec.layout != DIRECTORY:
+            os.truncate(self.store.payload(self.store.volumes, local_id, rec), size)
+        rec.size = size
+        self.store.write_meta(self.store.path(self.store.volumes, local_id), rec)
+        with self._sizes_lock:
+            self._sizes[local_id] = size
+        return size, rec.layout != DIRECTORY
+
+    @staticmethod
+    def _check_mutable(params: Mapping[str, str]) -> None:
+        for key, value in params.items():
+            if key not in MUTABLE:
+                raise errors.InvalidArgument(
+                    f"parameter {key!r} cannot be modified; mutable: {', '.join(MUTABLE)}"
+                )
+            if value not in MUTABLE[key]:
+                raise errors.InvalidArgument(
+                    f"{key}={value!r} is not one of {', '.join(MUTABLE[key])}"
+                )
+
+    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str]) -> None:
+        self._check_mutable(mutable_parameters)
+        rec = self._existing_volume(local_id)
+        rec.mutable.update(mutable_parameters)
+        self.store.write_meta(self.store.path(self.store.volumes, local_id), rec)
+
+    # -- snapshots -----------------------------------------------------------------------
+    def _take_snapshot(self, local_id: str, name: str, volume_id: str, group: str = "") -> None:
+        """Copy a volume into a new snapshot directory (caller holds any freeze)."""
+        vol = self._existing_volume(volume_id)
+        rec = Record(name=name, size=vol.size, layout=vol.layout, fs_type=vol.fs_type,
+                     source_id=volume_id, group=group)
+        scratch = self.store.scratch(local_id)
+        try:
+            # A group snapshot froze all its volumes already.
+            self._copy_payload(self.store.volumes, volume_id, vol, scratch, freeze=not group)
+            self.store.commit(scratch, self.store.snapshots, local_id, rec, "create-snapshot")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str]
+                        ) -> Snapshot:
+        self.probe()
+        local_id = ids.local_id_for_name(name)
+        rec = self.store.read(self.store.snapshots, local_id)
+        if rec is None:
+            self._take_snapshot(local_id, name, source_volume)
+            rec = self.store.read(self.store.snapshots, local_id)
+            assert rec is not None
+        return self._snapshot(local_id, rec)
+
+    def delete_snapshot(self, local_id: str) -> None:
+        self.probe()
+        rec = self.store.read(self.store.snapshots, local_id)
+        if rec is not None and rec.group:
+            raise errors.FailedPrecondition(
+                f"snapshot {self.name}:{local_id} belongs to group snapshot "
+                f"{self.name}:{rec.group}; delete the group snapshot instead"
+            )
+        self.store.discard(self.store.snapshots, local_id, "delete-snapshot")
+
+    def get_snapshot(self, local_id: str) -> Snapshot | None:
+        self.probe()
+        rec = self.store.read(self.store.snapshots, local_id)
+        return None if rec is None else self._snapshot(local_id, rec)
+
+    def list_snapshots(self) -> Iterator[Snapshot]:
+        self.probe()
+        return (self._snapshot(i, r) for i, r in self._records(self.store.snapshots))
+
+    # -- group snapshots -----------------------------------------------------------------
+    def _group(self, local_id: str, grec: GroupRecord) -> GroupSnapshot:
+        members = []
+        for member in grec.members:
+            rec = self.store.read(self.store.snapshots, member)
+            if rec is not None:
+                members.append(self._snapshot(member, rec))
+        return GroupSnapshot(local_id=local_id, name=grec.name, snapshots=tuple(members),
+                             created_at=grec.created)
+
+    def create_group_snapshot(self, name: str, source_volumes: list[str],
+                              parameters: Mapping[str, str]) -> GroupSnapshot:
+        self.probe()
+        local_id = ids.local_id_for_name(name)
+        grec = self.store.read_group(local_id)
+        if grec is not None:
+            return self._group(local_id, grec)
+        records = [(v, self._existing_volume(v)) for v in source_volumes]
+        members = [f"{local_id}.{i}" for i in range(len(records))]
+        for member in members:  # left by an attempt that crashed before the group existed
+            self.store.discard(self.store.snapshots, member)
+        grec = GroupRecord(name=name, members=members, sources=list(source_volumes))
+        with contextlib.ExitStack() as frozen:
+            # Every member sees the same instant: all image filesystems are frozen together.
+            for volume_id, rec in records:
+                frozen.enter_context(self.attacher.frozen(volume_id, rec))
+            for member, (volume_id, _) in zip(members, records, strict=True):
+                self._take_snapshot(member, f"{name}/{volume_id}", volume_id, group=local_id)
+        scratch = self.store.scratch(local_id)
+        self.store.commit(scratch, self.store.groups, local_id, grec, "create-group-snapshot")
+        return self._group(local_id, grec)
+
+    def delete_group_snapshot(self, local_id: str) -> None:
+        self.probe()
+        grec = self.store.read_group(local_id)
+        if grec is None:
+            return
+        # The group goes first: members left by a crash after this are purged at start.
+        self.store.discard(self.store.groups, local_id)
+        for member in grec.members:
+            self.store.discard(self.store.snapshots, member)
+
+    def get_group_snapshot(self, local_id: str) -> GroupSnapshot | None:
+        self.probe()
+        grec = self.store.read_group(local_id)
+        return None if grec is None else self._group(local_id, grec)
+
+    # -- node ----------------------------------------------------------------------------
+    def stage(self, local_id: str, staging_path: str, capability: Capability,
+              context: Mapping[str, str]) -> None:
+        rec = self.store.read(self.store.volumes, local_id)
+        if rec is None:
+            raise errors.NotFound(f"volume {self.name}:{local_id} does not exist on this node")
+        self.attacher.stage(local_id, rec, staging_path, capability)
+
+    def unstage(self, local_id: str, staging_path: str) -> None:
+        self.attacher.unstage(local_id, staging_path)
+
+    def publish_source(self, local_id: str, staging_path: str, capability: Capability) -> str:
+        return block_target(staging_path) if capability.block else staging_path
+
+    def owns_mount(self, local_id: str, path: str) -> bool:
+        rec = self.store.read(self.store.volumes, local_id)
+        return rec is not None and self.attacher.owns(local_id, rec, path)
+
+    def node_expand(self, local_id: str, volume_path: str, staging_path: str) -> int:
+        rec = self._existing_volume(local_id)
+        if rec.layout != DIRECTORY:
+            self.attacher.expand(local_id, rec, volume_path)
+        return rec.size
+
+    def node_condition(self, local_id: str, volume_path: str) -> Condition:
+        return self.attacher.condition(local_id, self.store.read(self.store.volumes, local_id),
+                                       volume_path)
