@@ -20,9 +20,9 @@ from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from . import leaks
+from . import leaks, serverlog
 from .csi import Csi, MiB
-from .driver import REPO, DriverError, RssSampler, start, status_kib
+from .driver import REPO, DriverError, DriverProcess, RssSampler, start, status_kib
 from .fs import FsError, loop_filesystem
 from .ops import Ops
 from .report import Report, render, write_json
@@ -98,6 +98,50 @@ def log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
+def run_scenarios(report: Report, driver: DriverProcess, ops: Ops, plan: Plan,
+                  names: list[str]) -> None:
+    base = os.urandom(MiB)  # the data every write uses; see scenarios.write_file
+    for name in names:
+        log(f"scenario {name} ...")
+        t0 = time.perf_counter()
+        try:
+            report.add(name, SCENARIOS[name](ops, plan, base))
+        except Exception as exc:  # a benchmark bug: report it, still clean up and go on
+            traceback.print_exc()
+            report.bench_failures.append(f"{name}: {exc!r}")
+        except KeyboardInterrupt:
+            report.bench_failures.append(f"interrupted during {name}")
+            log("interrupted; cleaning up (the report covers the scenarios before this one)")
+            return
+        log(f"scenario {name} took {time.perf_counter() - t0:.1f}s")
+        if driver.proc.poll() is not None:  # later scenarios would only pile up UNAVAILABLE
+            report.bench_failures.append(
+                f"driver exited ({driver.proc.returncode}) during {name}; stopped there. "
+                f"Its last log lines:\n{driver.log_tail()}")
+            return
+
+
+def finish(report: Report, driver: DriverProcess, csi: Csi, ops: Ops, sampler: RssSampler) -> None:
+    """Undo what the scenarios left, check for leaks, read peak memory, stop the driver."""
+    try:
+        swept = ops.sweep()
+        if swept.errors:
+            report.add("final", [swept])
+        report.anomalies = dict(ops.anomalies)
+        report.leaks += leaks.check_driver(csi)
+    finally:
+        sampler.stop()
+        hwm = status_kib(driver.pid, "VmHWM")  # before the stop: it dies with the process
+        report.rss_peak_mib = sampler.peak_kib / 1024 if sampler.samples else None
+        report.rss_samples = sampler.samples
+        report.rss_hwm_mib = hwm / 1024 if hwm else None
+        csi.close()
+        try:
+            report.driver_exit_code = driver.stop()
+        except DriverError as exc:
+            report.bench_failures.append(str(exc))
+
+
 def run_driver(report: Report, args: argparse.Namespace, workdir: str, data_path: str,
                plan: Plan, names: list[str], keep: tuple[str, ...]) -> None:
     """Everything between spawning the driver and its exit, with cleanup on every path."""
@@ -111,43 +155,16 @@ def run_driver(report: Report, args: argparse.Namespace, workdir: str, data_path
     sampler.start()
     csi = Csi(driver.socket_path)
     ops = Ops(csi, workdir)
-    base = os.urandom(MiB)
     try:
-        for name in names:
-            log(f"scenario {name} ...")
-            t0 = time.perf_counter()
-            try:
-                report.add(name, SCENARIOS[name](ops, plan, base))
-            except Exception as exc:  # a benchmark bug: report it, still clean up and go on
-                traceback.print_exc()
-                report.bench_failures.append(f"{name}: {exc!r}")
-            log(f"scenario {name} took {time.perf_counter() - t0:.1f}s")
-            if driver.proc.poll() is not None:  # later scenarios would only pile up UNAVAILABLE
-                report.bench_failures.append(
-                    f"driver exited ({driver.proc.returncode}) during {name}; stopped there. "
-                    f"Its last log lines:\n{driver.log_tail()}")
-                break
+        run_scenarios(report, driver, ops, plan, names)
     finally:
-        swept = ops.sweep()
-        if swept.errors:
-            report.add("final", [swept])
-        report.anomalies = dict(ops.anomalies)
-        report.leaks += leaks.check_driver(csi)
-        sampler.stop()
-        hwm = status_kib(driver.pid, "VmHWM")
-        report.rss_peak_mib = sampler.peak_kib / 1024 if sampler.samples else None
-        report.rss_samples = sampler.samples
-        report.rss_hwm_mib = hwm / 1024 if hwm else None
-        csi.close()
-        try:
-            report.driver_exit_code = driver.stop()
-        except DriverError as exc:
-            report.bench_failures.append(str(exc))
+        finish(report, driver, csi, ops, sampler)
         report.leaks += leaks.check_disk(workdir, data_path, keep)
         # Kept beside the report: its one line per RPC has the driver's side of every error.
         out_log = os.path.splitext(report.meta["out"])[0] + ".driver.log"
         os.makedirs(os.path.dirname(out_log), exist_ok=True)
         shutil.copyfile(driver.log_path, out_log)
+        report.server_rpcs = serverlog.summarize(driver.log_path)
         report.meta["driver_log"] = out_log
 
 

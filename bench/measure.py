@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -37,6 +38,12 @@ class Measurement:
             self.error_details.setdefault(key, other.error_details[key])
 
 
+def percentile(sorted_ms: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values: always a latency that was actually observed."""
+    rank = max(1, math.ceil(q / 100 * len(sorted_ms)))
+    return sorted_ms[rank - 1]
+
+
 def run_pool(name: str, concurrency: int, count: int, op: Callable[[int], None]) -> Measurement:
     """Run op(0..count-1) on `concurrency` threads; time each call and the whole phase.
 
@@ -59,8 +66,12 @@ def run_pool(name: str, concurrency: int, count: int, op: Callable[[int], None])
             result.latencies_ms.append(elapsed)
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=name) as pool:
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=name)
+    try:
         for future in [pool.submit(timed, i) for i in range(count)]:
             future.result()  # re-raise benchmark bugs here rather than losing them
+    finally:
+        # On Ctrl-C or a bug, drop the queued ops instead of running them all first.
+        pool.shutdown(wait=True, cancel_futures=True)
     result.wall_s = time.perf_counter() - start
     return result

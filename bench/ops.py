@@ -89,11 +89,11 @@ class Ops:
         with self._lock:
             self.published.pop(target, None)
         if os.path.lexists(target):
-            self._note("NodeUnpublishVolume left the target path behind")
+            self.note_anomaly("NodeUnpublishVolume left the target path behind")
             self._remove_dir(target, "NodeUnpublishVolume left the target mounted")
         self._remove_dir(os.path.dirname(target), "could not remove a pod directory")
 
-    def _note(self, anomaly: str) -> None:
+    def note_anomaly(self, anomaly: str) -> None:
         with self._lock:
             self.anomalies[anomaly] += 1
 
@@ -102,7 +102,7 @@ class Ops:
         try:
             os.rmdir(path)
         except OSError as exc:
-            self._note(f"{anomaly} ({exc.strerror})")
+            self.note_anomaly(f"{anomaly} ({exc.strerror})")
 
     # -- the safety net ------------------------------------------------------------------
     def sweep(self) -> Measurement:

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .measure import Measurement
+from .measure import Measurement, percentile
+from .serverlog import ServerRpc
 
 # Rows whose failures mean "the driver does not offer this", which is a status, not a bug.
 QUIET_STATUSES = ("unimplemented", "unsupported", "skipped")
-
-
-def percentile(sorted_ms: list[float], q: float) -> float:
-    """Nearest-rank percentile: always a latency that was actually observed."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_ms)))
-    return sorted_ms[rank - 1]
 
 
 @dataclass
@@ -68,6 +62,8 @@ class Report:
     rss_samples: int = 0
     driver_exit_code: int | None = None
     rows: list[Row] = field(default_factory=list)
+    # Per-RPC durations from the driver's own log.
+    server_rpcs: list[ServerRpc] = field(default_factory=list)
     errors: list[ErrorLine] = field(default_factory=list)
     anomalies: dict[str, int] = field(default_factory=dict)
     leaks: list[str] = field(default_factory=list)
@@ -104,6 +100,13 @@ def render(report: Report) -> str:
             f"{_num(r.p50_ms):>9}{_num(r.p90_ms):>9}{_num(r.p99_ms):>9}{_num(r.max_ms):>10}"
             f"  {note}".rstrip()
         )
+    if report.server_rpcs:
+        lines += ["", f"{'driver-side (its log)':<26}{'calls':>7}{'p50 ms':>9}{'p99 ms':>9}"
+                      f"{'max ms':>10}  statuses"]
+        for s in report.server_rpcs:
+            codes = " ".join(f"{k}={v}" for k, v in sorted(s.statuses.items()))
+            lines.append(f"{s.method:<26}{s.calls:>7}{s.p50_ms:>9.2f}{s.p99_ms:>9.2f}"
+                         f"{s.max_ms:>10.2f}  {codes}")
     lines.append("")
     lines.append(f"start-up: {_num(report.startup_ms, 0)} ms from spawn to a GetPluginInfo answer "
                  f"(socket file after {_num(report.socket_ms, 0)} ms)")

@@ -252,6 +252,8 @@ def _verify(ops: Ops, row: Measurement, volume_id: str, base: bytes, chunks: int
         row.fail(exc)
         return
     row.note = "data verified" if ok else "DATA MISMATCH in the copy"
+    if not ok:
+        ops.note_anomaly(f"{row.scenario}: the new volume does not hold the source's data")
 
 
 def snapshot_clone(ops: Ops, plan: Plan, base: bytes) -> list[Measurement]:

@@ -57,7 +57,8 @@ def write_config(path: Path, backends: dict[str, Any], **extra: Any) -> Path:
 
 
 def start_driver(tmp: Path, config: Path | None = None, *args: str,
-                 data_dir: Path | None = None, wait: bool = True) -> Driver:
+                 data_dir: Path | None = None, wait: bool = True,
+                 env: dict[str, str] | None = None) -> Driver:
     sock = tmp / "csi.sock"
     log_path = tmp / "driver.log"
     cmd = [sys.executable, "-m", "csi_driver", "--endpoint", f"unix://{sock}",
@@ -66,9 +67,9 @@ def start_driver(tmp: Path, config: Path | None = None, *args: str,
         cmd += ["--config", str(config)]
     if data_dir is not None:
         cmd += ["--data-dir", str(data_dir)]
-    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it for its lifetime
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     log.close()
     channel = grpc.insecure_channel(f"unix://{sock}")
     driver = Driver(proc, sock, log_path, channel)
@@ -110,3 +111,27 @@ def mounted_at(path: str | Path) -> bool:
     real = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
         return any(line.split(" ")[4] == real for line in f)
+
+
+def loops_of(image: Path) -> list[str]:
+    """Loop devices backed by `image`, read from sysfs like the driver does."""
+    from csi_driver.node.loop import attached
+
+    return attached(str(image))
+
+
+def mount_filesystem(tmp: Path, fs_type: str, size: str = "4G") -> Path:
+    """A fresh `fs_type` filesystem on a loop-mounted sparse image (xfs with reflinks), so a
+    backend can be put on a filesystem of the test's choosing. Unmounting frees the loop."""
+    image, mnt = tmp / f"{fs_type}.img", tmp / f"{fs_type}-mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    mkfs = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "ext4": ["mkfs.ext4", "-q"],
+            "btrfs": ["mkfs.btrfs", "-q"]}[fs_type]
+    subprocess.run([*mkfs, str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    return mnt
+
+
+def unmount_filesystem(mnt: Path) -> None:
+    subprocess.run(["umount", str(mnt)], check=True)

@@ -161,19 +161,24 @@ class NodeService(pb_grpc.NodeServicer):
             _remove(request.target_path)  # we created it at publish: removing it is ours too
         return pb.NodeUnpublishVolumeResponse()
 
-    def _published(self, volume_id: str, path: str) -> tuple[ObjectId, Backend]:
+    def _published(self, volume_id: str, path: str, strict: bool = True
+                   ) -> tuple[ObjectId, Backend]:
+        """The volume mounted at `path`; `strict=False` lets a mount that no longer shows the
+        volume through (its condition then says what is wrong)."""
         _require(volume_id, "volume_id")
         _require(path, "volume_path")
         parsed, backend = self._volume(volume_id)
         if not os.path.exists(path):
             raise errors.NotFound(f"volume_path {path} does not exist")
-        if mounts.mount_at(path) is None or not backend.owns_mount(parsed.local, path):
+        if mounts.mount_at(path) is None or backend.get_volume(parsed.local) is None or (
+                strict and not backend.owns_mount(parsed.local, path)):
             raise errors.NotFound(f"volume {volume_id!r} is not mounted at {path}")
         return parsed, backend
 
     def NodeGetVolumeStats(self, request: pb.NodeGetVolumeStatsRequest,
                            context: grpc.ServicerContext) -> pb.NodeGetVolumeStatsResponse:
-        parsed, backend = self._published(request.volume_id, request.volume_path)
+        parsed, backend = self._published(request.volume_id, request.volume_path,
+                                          strict=not self._reports_conditions())
         path = request.volume_path
         unit = pb.VolumeUsage.Unit
         response = pb.NodeGetVolumeStatsResponse()
@@ -192,6 +197,9 @@ class NodeService(pb_grpc.NodeServicer):
             response.volume_condition.CopyFrom(
                 convert.condition_pb(backend.node_condition(parsed.local, path)))
         return response
+
+    def _reports_conditions(self) -> bool:
+        return any(b.features.volume_condition for b in self.driver.backends.values())
 
     def NodeExpandVolume(self, request: pb.NodeExpandVolumeRequest,
                          context: grpc.ServicerContext) -> pb.NodeExpandVolumeResponse:

@@ -154,10 +154,9 @@ class HostPathBackend(Backend):
     @staticmethod
     def _sized(layout: str, fs_type: str, size: int, limit: int) -> int:
         """Round to what the layout can hold: whole MiB, and a filesystem's minimum."""
-        if layout == DIRECTORY:
-            return size
-        size = max(size, filesystems.MINIMUM_SIZE.get(fs_type, MiB))
-        size = -(-size // MiB) * MiB
+        if layout != DIRECTORY:
+            size = max(size, filesystems.MINIMUM_SIZE.get(fs_type, MiB))
+            size = -(-size // MiB) * MiB
         if limit and size > limit:
             raise errors.OutOfRange(
                 f"a {layout} volume{' of ' + fs_type if fs_type else ''} needs at least {size} "
