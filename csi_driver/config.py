@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
+from . import schema
 from .backends import backend_types
 from .backends.base import BackendConfig
 from .ids import BACKEND_NAME_RE
@@ -26,21 +24,32 @@ class ConfigError(Exception):
     pass
 
 
-class _FileModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    driverName: str = DEFAULT_DRIVER_NAME
-    maxVolumesPerNode: int = Field(default=0, ge=0)
-    backends: dict[str, dict[str, Any]] = Field(min_length=1)
+def _driver_name(value: object) -> str:
+    if not isinstance(value, str) or not _DRIVER_NAME_RE.match(value):
+        raise ValueError(
+            "must be at most 63 characters of lowercase letters, digits, '.' and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
 
-    @field_validator("driverName")
-    @classmethod
-    def _driver_name(cls, value: str) -> str:
-        if not _DRIVER_NAME_RE.match(value):
-            raise ValueError(
-                "must be at most 63 characters of lowercase letters, digits, '.' and '-', "
-                "starting and ending with a letter or digit"
-            )
-        return value
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return value
+
+
+def _backends(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict) or not value:
+        raise ValueError("must map at least one backend name to its settings")
+    return value
+
+
+@dataclass(kw_only=True)
+class _File:
+    driverName: str = field(default=DEFAULT_DRIVER_NAME, metadata={"convert": _driver_name})
+    maxVolumesPerNode: int = field(default=0, metadata={"convert": _count})
+    backends: dict[str, Any] = field(metadata={"convert": _backends})
 
 
 @dataclass(frozen=True)
@@ -50,26 +59,18 @@ class Settings:
     backends: dict[str, BackendConfig]
 
 
-def _describe(exc: ValidationError, prefix: str) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-        lines.append(f"{where or '(top level)'}: {err['msg']}")
-    return "; ".join(lines)
-
-
 def parse_settings(data: Any, source: str = "config") -> Settings:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with a 'backends' key")
     try:
-        top = _FileModel.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc, '')}") from None
+        top = schema.load(_File, data)
+    except schema.SchemaError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     types = backend_types()
     backends: dict[str, BackendConfig] = {}
     for name, raw in top.backends.items():
         where = f"backends.{name}"
-        if not BACKEND_NAME_RE.match(name):
+        if not isinstance(name, str) or not BACKEND_NAME_RE.match(name):
             raise ConfigError(
                 f"{source}: {where}: backend names must be lowercase letters, digits and '-' "
                 "(at most 63), because they become part of volume IDs"
@@ -84,9 +85,9 @@ def parse_settings(data: Any, source: str = "config") -> Settings:
                 f"known: {', '.join(sorted(types))}"
             )
         try:
-            backends[name] = types[kind].Config.model_validate(raw)
-        except ValidationError as exc:
-            raise ConfigError(f"{source}: {_describe(exc, where)}") from None
+            backends[name] = schema.load(types[kind].Config, raw, where)
+        except schema.SchemaError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     return Settings(top.driverName, top.maxVolumesPerNode, backends)
 
 
@@ -95,6 +96,8 @@ def load_settings(path: str | None, data_dir: str) -> Settings:
     if path is None:
         default = {"backends": {"local": {"type": "hostpath", "path": os.path.abspath(data_dir)}}}
         return parse_settings(default, "built-in default")
+    import yaml  # only when there is a file to read: it costs memory the default run can skip
+
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)

@@ -163,3 +163,28 @@ def test_crash_in_group_snapshot(tmp_path: Path) -> None:
         assert_clean(tmp_path)
     finally:
         assert d.stop() == 0
+
+
+def test_delete_after_crashed_stage_detaches_and_refuses_while_staged(tmp_path: Path) -> None:
+    d = start_driver(tmp_path, config(tmp_path))
+    vol = create(d, "blk2", cap=block_cap())
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    stage(d, vol.volume_id, str(staging), block_cap())
+    with pytest.raises(grpc.RpcError) as err:
+        d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # staged: refused
+    unstage(d, vol.volume_id, str(staging))
+    assert d.stop() == 0
+    crash_during(tmp_path, "stage", lambda d: stage(d, vol.volume_id, str(staging), block_cap()))
+    image = tmp_path / "data" / "volumes" / vol.volume_id.split(":")[1] / "disk.img"
+    assert len(loops_of(image)) == 1
+    d = start_driver(tmp_path, config(tmp_path))
+    try:
+        # The crashed stage left an attached, unmounted device: delete detaches it.
+        d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+        assert loops_of(image) == []
+        assert_clean(tmp_path)
+        assert list((tmp_path / "data" / "volumes").iterdir()) == []
+    finally:
+        assert d.stop() == 0

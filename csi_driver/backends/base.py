@@ -12,8 +12,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
-
 from .. import errors
 
 
@@ -152,10 +150,11 @@ class NodeInfo:
         return f"topology.{self.driver_name}/node"
 
 
-class BackendConfig(BaseModel):
-    """Base of every backend's config model: unknown keys are errors, not silent typos."""
+@dataclass(kw_only=True)
+class BackendConfig:
+    """Base of every backend's config section: a dataclass loaded by csi_driver.schema, so
+    unknown keys are errors rather than silent typos."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     type: str
 
 

@@ -91,11 +91,15 @@ def mount_table(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
     return entries
 
 
-def mount_at(path: str) -> MountEntry | None:
-    """The mount visible at `path` if `path` is a mount point (the top of any stack), else None."""
+def mount_at(path: str, table: list[MountEntry] | None = None) -> MountEntry | None:
+    """The mount visible at `path` if `path` is a mount point (the top of any stack), else None.
+
+    Pass `table` to reuse one reading of mountinfo: on a node with hundreds of mounts each
+    reading costs the kernel real time, so an RPC reads it once.
+    """
     real = os.path.realpath(path)
     found = None
-    for entry in mount_table():
+    for entry in mount_table() if table is None else table:
         if entry.mount_point == real:
             found = entry
     return found
@@ -181,7 +185,8 @@ def same_object(a: str, b: str) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def ensure_bind(source: str, target: str, flags: int, make: str = "dir") -> None:
+def ensure_bind(source: str, target: str, flags: int, make: str = "dir",
+                table: list[MountEntry] | None = None) -> None:
     """Idempotent bind mount: OK if `target` already shows `source` with the same read-only state.
 
     `make` says what to create at `target` when it is missing: a directory, or a file (the mount
@@ -189,7 +194,7 @@ def ensure_bind(source: str, target: str, flags: int, make: str = "dir") -> None
     """
     from ..errors import AlreadyExists  # local import keeps the module's error imports small
 
-    entry = mount_at(target)
+    entry = mount_at(target, table)
     if entry is not None:
         if same_object(source, target) and entry.read_only == bool(flags & MS_RDONLY):
             return

@@ -229,26 +229,33 @@ class HostPathBackend(Backend):
             else:
                 copying.copy_file(source, os.path.join(scratch, "disk.img"))
 
-    def _in_use(self, local_id: str) -> str | None:
+    def _in_use(self, local_id: str, rec: Record) -> str | None:
         """Where the volume is still mounted on this node, if anywhere."""
-        data = self.store.path(self.store.volumes, local_id, "data")
-        devices = set(loop.attached(self.store.path(self.store.volumes, local_id, "disk.img")))
-        for entry in mounts.mount_table():
-            if entry.source in devices or (
-                    entry.root.endswith(f"/{local_id}/data") and mounts.same_object(
-                        entry.mount_point, data)):
-                return entry.mount_point
-        return None
+        payload = self.store.payload(self.store.volumes, local_id, rec)
+        if rec.layout == DIRECTORY:
+            suffix = f"/{local_id}/data"
+            return next((e.mount_point for e in mounts.mount_table()
+                         if e.root.endswith(suffix) and mounts.same_object(e.mount_point,
+                                                                           payload)), None)
+        devices = loop.attached(payload)
+        # An image is in use where its loop device is mounted; a block volume where the device
+        # node is bind-mounted (those entries show the node's path inside devtmpfs as root).
+        nodes = {"/" + os.path.basename(d) for d in devices}
+        return next((e.mount_point for e in mounts.mount_table() if e.source in devices
+                     or (e.fs_type == "devtmpfs" and e.root in nodes)), None)
 
     def delete_volume(self, local_id: str) -> None:
         self.probe()
-        where = self._in_use(local_id)
+        rec = self.store.read(self.store.volumes, local_id)
+        if rec is None:
+            return
+        where = self._in_use(local_id, rec)
         if where is not None:
             raise errors.FailedPrecondition(
-                f"volume {self.name}:{local_id} is still mounted at {where}; unpublish and "
+                f"volume {self.name}:{local_id} is still in use at {where}; unpublish and "
                 "unstage it first"
             )
-        loop.detach_all(self.store.path(self.store.volumes, local_id, "disk.img"))
+        loop.detach_all(self.store.payload(self.store.volumes, local_id, rec))
         if self.store.discard(self.store.volumes, local_id, "delete-volume"):
             with self._sizes_lock:
                 self._sizes.pop(local_id, None)

@@ -3,46 +3,35 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Literal
 
-from pydantic import field_validator
-
-from ...node import filesystems
 from ...quantity import parse_bytes
 from ..base import BackendConfig
 
 
+def _absolute(value: object) -> str:
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise ValueError("must be an absolute path")
+    return os.path.normpath(value)
+
+
+def _size(value: object) -> int:
+    if not isinstance(value, int | str):
+        raise ValueError("must be a size such as 10Gi")
+    return parse_bytes(value)
+
+
+def _optional_size(value: object) -> int | None:
+    return None if value is None else _size(value)
+
+
+@dataclass(kw_only=True)
 class HostPathConfig(BackendConfig):
-    type: str = "hostpath"
-    path: str
+    path: str = field(metadata={"convert": _absolute})
     # Total bytes this backend may hand out; default: the filesystem's free space.
-    capacity: int | None = None
-    defaultVolumeSize: int = 1 << 30
+    capacity: int | None = field(default=None, metadata={"convert": _optional_size})
+    defaultVolumeSize: int = field(default=1 << 30, metadata={"convert": _size})
     # Mount volumes as plain directories (size not enforced) or filesystem images on loop devices.
-    layout: str = "directory"
-    fsType: str = "ext4"
-
-    @field_validator("capacity", "defaultVolumeSize", mode="before")
-    @classmethod
-    def _size(cls, value: int | str | None) -> int | None:
-        return None if value is None else parse_bytes(value)
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: str) -> str:
-        if not os.path.isabs(value):
-            raise ValueError("must be an absolute path")
-        return os.path.normpath(value)
-
-    @field_validator("layout")
-    @classmethod
-    def _layout(cls, value: str) -> str:
-        if value not in ("directory", "image"):
-            raise ValueError("must be 'directory' or 'image'")
-        return value
-
-    @field_validator("fsType")
-    @classmethod
-    def _fs(cls, value: str) -> str:
-        if value not in filesystems.SUPPORTED:
-            raise ValueError(f"must be one of {', '.join(filesystems.SUPPORTED)}")
-        return value
+    layout: Literal["directory", "image"] = "directory"
+    fsType: Literal["ext4", "xfs"] = "ext4"
