@@ -46,7 +46,7 @@ def test_delete_removes_directory_and_is_idempotent(driver: Driver, name: str,
         name=name, volume_capabilities=[mount_cap()])).volume
     local = vol.volume_id.split(":", 1)[1]
     data_root = Path(driver.socket).parent / "data" / "volumes"
-    assert (data_root / local / "data").is_dir()
+    assert (data_root / local).is_dir()
     driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
     assert not (data_root / local).exists()
     assert os.listdir(data_root.parent / ".trash") == []

@@ -72,7 +72,7 @@ def test_crash_in_create_volume(tmp_path: Path) -> None:
 def test_crash_in_create_snapshot_and_clone(tmp_path: Path) -> None:
     d = start_driver(tmp_path, config(tmp_path))
     vol = create(d, "src")
-    (tmp_path / "data" / "volumes" / vol.volume_id.split(":")[1] / "data" / "f").write_text("x")
+    (tmp_path / "data" / "volumes" / vol.volume_id.split(":")[1] / "f").write_text("x")
     assert d.stop() == 0
     crash_during(tmp_path, "create-snapshot", lambda d: d.controller.CreateSnapshot(
         pb.CreateSnapshotRequest(name="s", source_volume_id=vol.volume_id)))
@@ -87,7 +87,7 @@ def test_crash_in_create_snapshot_and_clone(tmp_path: Path) -> None:
         clone = create(d, "clone", Src(volume=Src.VolumeSource(volume_id=vol.volume_id)))
         for v in (clone, create(d, "restore", Src(snapshot=Src.SnapshotSource(
                 snapshot_id=snap.snapshot_id)))):
-            data = tmp_path / "data" / "volumes" / v.volume_id.split(":")[1] / "data"
+            data = tmp_path / "data" / "volumes" / v.volume_id.split(":")[1]
             assert (data / "f").read_text() == "x"
     finally:
         assert d.stop() == 0

@@ -51,7 +51,7 @@ def volumes_dir(d: Driver) -> Path:
 
 
 def data_of(d: Driver, volume_id: str) -> Path:
-    return volumes_dir(d) / volume_id.split(":", 1)[1] / "data"
+    return volumes_dir(d) / volume_id.split(":", 1)[1]
 
 
 def create(d: Driver, name: str, size: int = 64 * MiB, source: Src | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -266,13 +265,12 @@ def test_ext4_image_grows_while_unstaged(hp: Driver, tmp_path: Path) -> None:
 
 # -- ControllerGetVolume, conditions, modify ---------------------------------------------------
 def test_get_volume_and_condition(hp: Driver) -> None:
-    vol = make(hp, "cond", MiB, mount_cap())
+    vol = make(hp, "cond", 16 * MiB, mount_cap(), layout="image")
     try:
         got = hp.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(
             volume_id=vol.volume_id))
         assert got.volume == vol and not got.status.volume_condition.abnormal
-        data = data_root(hp) / "volumes" / vol.volume_id.split(":", 1)[1] / "data"
-        shutil.rmtree(data)  # what a careless operator does
+        image_of(hp, vol.volume_id).unlink()  # what a careless operator does
         got = hp.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(
             volume_id=vol.volume_id))
         assert got.status.volume_condition.abnormal

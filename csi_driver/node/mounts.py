@@ -46,7 +46,7 @@ class MountEntry:
     device: str  # major:minor
     root: str
     mount_point: str
-    options: frozenset[str]
+    options: tuple[str, ...]
     fs_type: str
     source: str
 
@@ -55,13 +55,21 @@ class MountEntry:
         return "ro" in self.options
 
 
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def _escape(path: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo octal.
+    return (path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+            .replace("\n", "\\012"))
+
+
 def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
     if "\\" not in field:
         return field
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
             out.append(chr(int(field[i + 1 : i + 4], 8)))
             i += 4
         else:
@@ -70,36 +78,46 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def mount_table(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
-    entries = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            fields = left.split(" ")
-            tail = right.split(" ")
-            entries.append(
-                MountEntry(
-                    mount_id=int(fields[0]),
-                    device=fields[2],
-                    root=_unescape(fields[3]),
-                    mount_point=_unescape(fields[4]),
-                    options=frozenset(fields[5].split(",")),
-                    fs_type=tail[0],
-                    source=_unescape(tail[1]) if len(tail) > 1 else "",
-                )
-            )
-    return entries
+def _parse(line: str) -> MountEntry:
+    left, _, right = line.partition(" - ")
+    fields = left.split(" ", 6)
+    tail = right.split(" ", 2)
+    return MountEntry(
+        mount_id=int(fields[0]),
+        device=fields[2],
+        root=_unescape(fields[3]),
+        mount_point=_unescape(fields[4]),
+        options=tuple(fields[5].split(",")),
+        fs_type=tail[0],
+        source=_unescape(tail[1]) if len(tail) > 1 else "",
+    )
+
+
+def read_mountinfo() -> str:
+    """The raw mount table: a cheap substring test on it often makes parsing unnecessary."""
+    with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+        return f.read()
+
+
+def mount_table(text: str | None = None) -> list[MountEntry]:
+    return [_parse(line) for line in (read_mountinfo() if text is None else text).splitlines()]
 
 
 def mount_at(path: str, table: list[MountEntry] | None = None) -> MountEntry | None:
     """The mount visible at `path` if `path` is a mount point (the top of any stack), else None.
 
-    Pass `table` to reuse one reading of mountinfo: on a node with hundreds of mounts each
-    reading costs the kernel real time, so an RPC reads it once.
+    Pass `table` to reuse one reading of mountinfo; without one, only the lines that name the
+    path are parsed, so the cost stays flat on nodes with hundreds of mounts.
     """
     real = os.path.realpath(path)
+    if table is None:
+        needle = f" {_escape(real)} "
+        text = read_mountinfo()
+        if needle not in text:
+            return None
+        table = [_parse(line) for line in text.splitlines() if needle in line]
     found = None
-    for entry in mount_table() if table is None else table:
+    for entry in table:
         if entry.mount_point == real:
             found = entry
     return found

@@ -1,6 +1,6 @@
 """hostPath on the node: staging each layout, and telling whether a mount shows a volume.
 
-  directory  bind mount of volumes/<id>/data on the staging path
+  directory  bind mount of volumes/<id> on the staging path
   image      loop device on disk.img, mkfs on first use only, mounted on the staging path
   block      loop device on disk.img, its device node bind-mounted on <staging>/device
 The kernel's loop and mount tables are the only record, so a restart finds everything again.
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from ... import errors, faults
 from ...node import filesystems, loop, mounts
 from ..base import AccessMode, Capability, Condition
-from .store import BLOCK, DIRECTORY, IMAGE, Record, Store
+from .store import BLOCK, DIRECTORY, IMAGE, IMAGE_FILE, Record, Store
 
 READ_ONLY_MODES = (AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY)
 DEVICE_NAME = "device"
@@ -31,7 +31,7 @@ class Attacher:
         self.store = store
 
     def _image(self, local_id: str) -> str:
-        return self.store.path(self.store.volumes, local_id, "disk.img")
+        return self.store.path(self.store.volumes, local_id, IMAGE_FILE)
 
     def stage(self, local_id: str, rec: Record, staging: str, cap: Capability) -> None:
         if cap.block != (rec.layout == BLOCK):

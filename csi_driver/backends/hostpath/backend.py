@@ -28,7 +28,7 @@ from ..base import (
 )
 from .attach import Attacher, block_target
 from .config import HostPathConfig
-from .store import BLOCK, DIRECTORY, IMAGE, GroupRecord, Record, Store
+from .store import BLOCK, DIRECTORY, IMAGE, IMAGE_FILE, GroupRecord, Record, Store
 
 MiB = 1 << 20
 MUTABLE = {"readOnly": ("true", "false")}
@@ -200,20 +200,19 @@ class HostPathBackend(Backend):
             if request.source is not None and source is not None:
                 rec.source_kind, rec.source_id = request.source.kind, request.source.local_id
                 self._copy_payload(kind_dir, request.source.local_id, source, scratch)
-            elif layout == DIRECTORY:
-                os.mkdir(os.path.join(scratch, "data"))
-            else:
-                open(os.path.join(scratch, "disk.img"), "x").close()
+            elif layout != DIRECTORY:
+                open(os.path.join(scratch, IMAGE_FILE), "x").close()
             if layout == DIRECTORY:
                 # World-writable like other hostPath drivers: pods run as arbitrary users.
-                os.chmod(os.path.join(scratch, "data"), 0o777)
+                os.chmod(scratch, 0o777)
             else:
-                os.truncate(os.path.join(scratch, "disk.img"), size)
+                os.truncate(os.path.join(scratch, IMAGE_FILE), size)
             self.store.commit(scratch, self.store.volumes, local_id, rec, "create-volume")
         except OSError as exc:
             raise errors.Internal(f"could not create volume: {exc.strerror}") from exc
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)  # gone already when committed
+            if os.path.lexists(scratch):  # not committed: an error came first
+                shutil.rmtree(scratch, ignore_errors=True)
         with self._sizes_lock:
             self._sizes[local_id] = size
         return self._volume(local_id, rec)
@@ -224,17 +223,19 @@ class HostPathBackend(Backend):
         freeze = freeze and kind_dir == self.store.volumes
         with self.attacher.frozen(local_id, rec) if freeze else contextlib.nullcontext():
             if rec.layout == DIRECTORY:
-                os.mkdir(os.path.join(scratch, "data"))
-                copying.copy_tree(source, os.path.join(scratch, "data"))
+                copying.copy_tree(source, scratch)  # the record it copies is rewritten later
             else:
-                copying.copy_file(source, os.path.join(scratch, "disk.img"))
+                copying.copy_file(source, os.path.join(scratch, IMAGE_FILE))
 
     def _in_use(self, local_id: str, rec: Record) -> str | None:
         """Where the volume is still mounted on this node, if anywhere."""
         payload = self.store.payload(self.store.volumes, local_id, rec)
         if rec.layout == DIRECTORY:
-            suffix = f"/{local_id}/data"
-            return next((e.mount_point for e in mounts.mount_table()
+            suffix = f"/volumes/{local_id}"
+            text = mounts.read_mountinfo()
+            if suffix not in text:  # the common case, without parsing the table
+                return None
+            return next((e.mount_point for e in mounts.mount_table(text)
                          if e.root.endswith(suffix) and mounts.same_object(e.mount_point,
                                                                            payload)), None)
         devices = loop.attached(payload)
@@ -255,7 +256,8 @@ class HostPathBackend(Backend):
                 f"volume {self.name}:{local_id} is still in use at {where}; unpublish and "
                 "unstage it first"
             )
-        loop.detach_all(self.store.payload(self.store.volumes, local_id, rec))
+        if rec.layout != DIRECTORY:
+            loop.detach_all(self.store.payload(self.store.volumes, local_id, rec))
         if self.store.discard(self.store.volumes, local_id, "delete-volume"):
             with self._sizes_lock:
                 self._sizes.pop(local_id, None)
@@ -313,7 +315,8 @@ class HostPathBackend(Backend):
             self._copy_payload(self.store.volumes, volume_id, vol, scratch, freeze=not group)
             self.store.commit(scratch, self.store.snapshots, local_id, rec, "create-snapshot")
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            if os.path.lexists(scratch):
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str]
                         ) -> Snapshot:
