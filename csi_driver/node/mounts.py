@@ -103,21 +103,25 @@ def mount_table(text: str | None = None) -> list[MountEntry]:
     return [_parse(line) for line in (read_mountinfo() if text is None else text).splitlines()]
 
 
-def mount_at(path: str, table: list[MountEntry] | None = None) -> MountEntry | None:
+def entries_naming(text: str, path: str) -> list[MountEntry]:
+    """The entries of mountinfo `text` whose line names `path` (as root, mount point or source).
+
+    Only those lines are parsed, so the cost stays flat on nodes with hundreds of mounts.
+    """
+    needle = f" {_escape(path)} "
+    if needle not in text:
+        return []
+    return [_parse(line) for line in text.splitlines() if needle in line]
+
+
+def mount_at(path: str, text: str | None = None) -> MountEntry | None:
     """The mount visible at `path` if `path` is a mount point (the top of any stack), else None.
 
-    Pass `table` to reuse one reading of mountinfo; without one, only the lines that name the
-    path are parsed, so the cost stays flat on nodes with hundreds of mounts.
+    Pass `text` (read_mountinfo()) to reuse one reading across the checks of an RPC.
     """
     real = os.path.realpath(path)
-    if table is None:
-        needle = f" {_escape(real)} "
-        text = read_mountinfo()
-        if needle not in text:
-            return None
-        table = [_parse(line) for line in text.splitlines() if needle in line]
     found = None
-    for entry in table:
+    for entry in entries_naming(read_mountinfo() if text is None else text, real):
         if entry.mount_point == real:
             found = entry
     return found
@@ -204,7 +208,7 @@ def same_object(a: str, b: str) -> bool:
 
 
 def ensure_bind(source: str, target: str, flags: int, make: str = "dir",
-                table: list[MountEntry] | None = None) -> None:
+                text: str | None = None) -> None:
     """Idempotent bind mount: OK if `target` already shows `source` with the same read-only state.
 
     `make` says what to create at `target` when it is missing: a directory, or a file (the mount
@@ -212,7 +216,7 @@ def ensure_bind(source: str, target: str, flags: int, make: str = "dir",
     """
     from ..errors import AlreadyExists  # local import keeps the module's error imports small
 
-    entry = mount_at(target, table)
+    entry = mount_at(target, text)
     if entry is not None:
         if same_object(source, target) and entry.read_only == bool(flags & MS_RDONLY):
             return

@@ -121,8 +121,8 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.NotFound(f"volume {request.volume_id!r} does not exist")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
             source = backend.publish_source(parsed.local, request.staging_target_path, cap)
-            table = mounts.mount_table()
-            staged = mounts.mount_at(source, table)
+            text = mounts.read_mountinfo()
+            staged = mounts.mount_at(source, text)
             if staged is None or not backend.owns_mount(parsed.local, source):
                 raise errors.FailedPrecondition(
                     f"volume {request.volume_id!r} is not staged at {request.staging_target_path}; "
@@ -130,18 +130,17 @@ class NodeService(pb_grpc.NodeServicer):
                 )
             read_only = request.readonly or cap.access_mode in READ_ONLY_MODES or staged.read_only
             if cap.access_mode in EXCLUSIVE_MODES and not read_only:
-                self._check_exclusive(table, staged, source, request.target_path)
+                self._check_exclusive(text, staged, source, request.target_path)
             flags = mounts.bind_flags(cap.mount_flags, read_only)
             mounts.ensure_bind(source, request.target_path, flags,
-                               make="file" if cap.block else "dir", table=table)
+                               make="file" if cap.block else "dir", text=text)
         return pb.NodePublishVolumeResponse()
 
     @staticmethod
-    def _check_exclusive(table: list[mounts.MountEntry], staged: mounts.MountEntry, source: str,
-                         target: str) -> None:
+    def _check_exclusive(text: str, staged: mounts.MountEntry, source: str, target: str) -> None:
         """Refuse a second writer of a single-writer volume (the spec's FAILED_PRECONDITION)."""
         real = {os.path.realpath(source), os.path.realpath(target)}
-        for entry in table:
+        for entry in mounts.entries_naming(text, staged.root):
             if (entry.device == staged.device and entry.root == staged.root
                     and entry.mount_point not in real and not entry.read_only
                     and entry.mount_id != staged.mount_id):
