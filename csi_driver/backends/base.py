@@ -14,6 +14,10 @@ from typing import ClassVar
 
 from .. import errors
 
+# CSI secrets of a request (the sidecars fill them from StorageClass secret references).
+Secrets = Mapping[str, str]
+NO_SECRETS: Secrets = {}
+
 
 class AccessMode(enum.IntEnum):
     # Values equal csi.v1.VolumeCapability.AccessMode.Mode so the services can convert directly.
@@ -89,6 +93,7 @@ class VolumeRequest:
     source: Source | None = None
     mutable_parameters: Mapping[str, str] = field(default_factory=dict)
     limit: int = 0  # capacity_range.limit_bytes; 0 = none
+    secrets: Secrets = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,11 +186,11 @@ class Backend(ABC):
         """Create the volume, or return the one an earlier call with the same name made."""
 
     @abstractmethod
-    def delete_volume(self, local_id: str) -> None:
+    def delete_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
         """Delete the volume; a volume that does not exist is success."""
 
     @abstractmethod
-    def get_volume(self, local_id: str) -> Volume | None: ...
+    def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None: ...
 
     @abstractmethod
     def list_volumes(self) -> Iterable[Volume]: ...
@@ -195,14 +200,18 @@ class Backend(ABC):
 
     # -- node -----------------------------------------------------------------------------
     @abstractmethod
-    def stage(
-        self, local_id: str, staging_path: str, capability: Capability, context: Mapping[str, str]
-    ) -> None:
+    def stage(self, local_id: str, staging_path: str, capability: Capability,
+              context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
         """Make the volume available at `staging_path` (idempotent)."""
 
     @abstractmethod
     def unstage(self, local_id: str, staging_path: str) -> None:
         """Undo `stage` (idempotent); nothing of the volume may stay attached afterwards."""
+
+    def known_on_node(self, local_id: str) -> bool:
+        """Whether the node can tell that the volume exists (it has no controller credentials,
+        so a backend that cannot tell says True and lets the mount table decide)."""
+        return True
 
     def owns_mount(self, local_id: str, path: str) -> bool:
         """Whether the mount at `path` shows this volume; backends that can tell override this."""
@@ -216,39 +225,44 @@ class Backend(ABC):
     def _unsupported(self, what: str) -> errors.Unimplemented:
         return errors.Unimplemented(f"backend {self.name!r} ({self.type_name}) has no {what}")
 
-    def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str]
-                        ) -> Snapshot:
+    def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
+                        secrets: Secrets = NO_SECRETS) -> Snapshot:
         raise self._unsupported("snapshots")
 
-    def delete_snapshot(self, local_id: str) -> None:
+    def delete_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
         raise self._unsupported("snapshots")
 
-    def get_snapshot(self, local_id: str) -> Snapshot | None:
+    def get_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Snapshot | None:
         raise self._unsupported("snapshots")
 
-    def list_snapshots(self) -> Iterable[Snapshot]:
+    def list_snapshots(self, secrets: Secrets = NO_SECRETS) -> Iterable[Snapshot]:
         raise self._unsupported("snapshots")
 
-    def expand_volume(self, local_id: str, size: int) -> tuple[int, bool]:
+    def expand_volume(self, local_id: str, size: int, secrets: Secrets = NO_SECRETS
+                      ) -> tuple[int, bool]:
         """Grow to `size` bytes; returns (new size, whether the node must finish the job)."""
         raise self._unsupported("expansion")
 
-    def node_expand(self, local_id: str, volume_path: str, staging_path: str) -> int:
+    def node_expand(self, local_id: str, volume_path: str, staging_path: str,
+                    secrets: Secrets = NO_SECRETS) -> int:
         """Grow what the node sees (device, filesystem); returns the new size in bytes."""
         raise self._unsupported("expansion")
 
     def node_condition(self, local_id: str, volume_path: str) -> Condition:
         return Condition(abnormal=False, message="")
 
-    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str]) -> None:
+    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
+                      secrets: Secrets = NO_SECRETS) -> None:
         raise self._unsupported("mutable parameters")
 
     def create_group_snapshot(self, name: str, source_volumes: list[str],
-                              parameters: Mapping[str, str]) -> GroupSnapshot:
+                              parameters: Mapping[str, str], secrets: Secrets = NO_SECRETS
+                              ) -> GroupSnapshot:
         raise self._unsupported("group snapshots")
 
-    def delete_group_snapshot(self, local_id: str) -> None:
+    def delete_group_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
         raise self._unsupported("group snapshots")
 
-    def get_group_snapshot(self, local_id: str) -> GroupSnapshot | None:
+    def get_group_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS
+                           ) -> GroupSnapshot | None:
         raise self._unsupported("group snapshots")

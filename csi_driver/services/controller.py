@@ -6,7 +6,16 @@ import grpc
 from google.protobuf.wrappers_pb2 import Int64Value
 
 from .. import errors, ids
-from ..backends.base import AccessMode, Backend, Expansion, Source, Volume, VolumeRequest
+from ..backends.base import (
+    NO_SECRETS,
+    AccessMode,
+    Backend,
+    Expansion,
+    Secrets,
+    Source,
+    Volume,
+    VolumeRequest,
+)
 from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
 from ..driver import Driver
@@ -98,11 +107,12 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
             message.content_source.CopyFrom(_source_pb(backend_name, volume.source))
         return message
 
-    def _existing(self, volume_id: str) -> tuple[str, Backend, Volume]:
+    def _existing(self, volume_id: str, secrets: Secrets = NO_SECRETS
+                  ) -> tuple[str, Backend, Volume]:
         if not volume_id:
             raise errors.InvalidArgument("volume_id is required")
         found = self.driver.backend_for_id(volume_id)
-        volume = found[1].get_volume(found[0].local) if found else None
+        volume = found[1].get_volume(found[0].local, secrets) if found else None
         if found is None or volume is None:
             raise errors.NotFound(f"volume {volume_id!r} does not exist")
         return found[0].backend, found[1], volume
@@ -137,7 +147,7 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
             volume = backend.create_volume(VolumeRequest(
                 name=request.name, size=size, capabilities=tuple(caps), parameters=parameters,
                 source=source, mutable_parameters=dict(request.mutable_parameters),
-                limit=request.capacity_range.limit_bytes,
+                limit=request.capacity_range.limit_bytes, secrets=dict(request.secrets),
             ))
         if volume.name != request.name:
             raise errors.Internal("backend returned a volume of another name")
@@ -159,7 +169,7 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
             return pb.DeleteVolumeResponse()
         parsed, backend = found
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            backend.delete_volume(parsed.local)
+            backend.delete_volume(parsed.local, request.secrets)
         return pb.DeleteVolumeResponse()
 
     def ValidateVolumeCapabilities(
@@ -168,7 +178,7 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
         if not request.volume_id:
             raise errors.InvalidArgument("volume_id is required")
         caps = capabilities.parse_all(request.volume_capabilities)
-        _, backend, volume = self._existing(request.volume_id)
+        _, backend, volume = self._existing(request.volume_id, request.secrets)
         reasons = [r for r in (capabilities.unsupported(backend, c) for c in caps) if r]
         if any(c.block != volume.block for c in caps):
             reasons.append(f"the volume is {'raw block' if volume.block else 'a filesystem'}")
@@ -228,11 +238,11 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
                 rng.limit_bytes and rng.required_bytes > rng.limit_bytes):
             raise errors.InvalidArgument("capacity_range is inconsistent")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            _, backend, volume = self._existing(request.volume_id)
+            _, backend, volume = self._existing(request.volume_id, request.secrets)
             if backend.features.expansion is Expansion.NONE:
                 raise errors.InvalidArgument(f"backend {backend.name!r} cannot expand volumes")
             size, node_needed = backend.expand_volume(
-                volume.local_id, rng.required_bytes or rng.limit_bytes)
+                volume.local_id, rng.required_bytes or rng.limit_bytes, request.secrets)
         if rng.limit_bytes and size > rng.limit_bytes:
             raise errors.OutOfRange(
                 f"the volume is already {size} bytes, more than limit_bytes {rng.limit_bytes}"
@@ -246,7 +256,7 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
         if not request.mutable_parameters:
             raise errors.InvalidArgument("mutable_parameters must not be empty")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            _, backend, volume = self._existing(request.volume_id)
+            _, backend, volume = self._existing(request.volume_id, request.secrets)
             unknown = sorted(set(request.mutable_parameters) - backend.features.mutable_parameters)
             if unknown:
                 allowed = ", ".join(sorted(backend.features.mutable_parameters)) or "none"
@@ -254,7 +264,8 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
                     f"parameter(s) {', '.join(unknown)} cannot be modified on backend "
                     f"{backend.name!r}; mutable: {allowed}"
                 )
-            backend.modify_volume(volume.local_id, dict(request.mutable_parameters))
+            backend.modify_volume(volume.local_id, dict(request.mutable_parameters),
+                                  request.secrets)
         return pb.ControllerModifyVolumeResponse()
 
     def GetCapacity(self, request: pb.GetCapacityRequest, context: grpc.ServicerContext

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
 from .. import errors, ids
-from ..backends.base import Backend
+from ..backends.base import Backend, GroupSnapshot
 from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
 from ..driver import Driver
 from . import convert
 
 _Cap = pb.GroupControllerServiceCapability.RPC.Type
+
+
+def _check_members(backend: str, group: GroupSnapshot, snapshot_ids: Iterable[str]) -> None:
+    """A request that names the group's snapshots must name exactly them."""
+    wanted = set(snapshot_ids)
+    if wanted and wanted != {str(ids.ObjectId(backend, s.local_id)) for s in group.snapshots}:
+        raise errors.FailedPrecondition(
+            "snapshot_ids do not match the members of the group snapshot")
 
 
 class GroupControllerService(pb_grpc.GroupControllerServicer):
@@ -46,7 +56,7 @@ class GroupControllerService(pb_grpc.GroupControllerServicer):
         parsed = []
         for raw in request.source_volume_ids:
             found = self.driver.backend_for_id(raw)
-            if found is None or found[1].get_volume(found[0].local) is None:
+            if found is None or found[1].get_volume(found[0].local, request.secrets) is None:
                 raise errors.NotFound(f"volume {raw!r} does not exist")
             parsed.append(found)
         backends = {p.backend for p, _ in parsed}
@@ -61,7 +71,7 @@ class GroupControllerService(pb_grpc.GroupControllerServicer):
         keys = [f"name:{request.name}", *(f"id:{v}" for v in request.source_volume_ids)]
         with self.driver.locks.hold(*keys):
             group = backend.create_group_snapshot(request.name, locals_,
-                                                  dict(request.parameters))
+                                                  dict(request.parameters), request.secrets)
         if sorted(s.source_volume for s in group.snapshots) != sorted(locals_):
             raise errors.AlreadyExists(
                 f"group snapshot {request.name!r} already exists with other volumes"
@@ -78,15 +88,11 @@ class GroupControllerService(pb_grpc.GroupControllerServicer):
             return pb.DeleteVolumeGroupSnapshotResponse()
         parsed, backend = found
         with self.driver.locks.hold(f"id:{request.group_snapshot_id}"):
-            group = backend.get_group_snapshot(parsed.local)
+            group = backend.get_group_snapshot(parsed.local, request.secrets)
             if group is None:
                 return pb.DeleteVolumeGroupSnapshotResponse()
-            members = {str(ids.ObjectId(parsed.backend, s.local_id)) for s in group.snapshots}
-            if request.snapshot_ids and set(request.snapshot_ids) != members:
-                raise errors.FailedPrecondition(
-                    "snapshot_ids do not match the members of the group snapshot"
-                )
-            backend.delete_group_snapshot(parsed.local)
+            _check_members(parsed.backend, group, request.snapshot_ids)
+            backend.delete_group_snapshot(parsed.local, request.secrets)
         return pb.DeleteVolumeGroupSnapshotResponse()
 
     def GetVolumeGroupSnapshot(self, request: pb.GetVolumeGroupSnapshotRequest,
@@ -95,13 +101,9 @@ class GroupControllerService(pb_grpc.GroupControllerServicer):
         if not request.group_snapshot_id:
             raise errors.InvalidArgument("group_snapshot_id is required")
         found = self._group_backend(request.group_snapshot_id)
-        group = found[1].get_group_snapshot(found[0].local) if found else None
+        group = found[1].get_group_snapshot(found[0].local, request.secrets) if found else None
         if found is None or group is None:
             raise errors.NotFound(f"group snapshot {request.group_snapshot_id!r} does not exist")
-        members = {str(ids.ObjectId(found[0].backend, s.local_id)) for s in group.snapshots}
-        if request.snapshot_ids and set(request.snapshot_ids) != members:
-            raise errors.FailedPrecondition(
-                "snapshot_ids do not match the members of the group snapshot"
-            )
+        _check_members(found[0].backend, group, request.snapshot_ids)
         return pb.GetVolumeGroupSnapshotResponse(
             group_snapshot=convert.group_pb(found[0].backend, group))

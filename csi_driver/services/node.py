@@ -76,7 +76,7 @@ class NodeService(pb_grpc.NodeServicer):
         """
         found = self.driver.backend_for_id(volume_id)
         if mounts.mount_at(path) is None:
-            if found is None or found[1].get_volume(found[0].local) is None:
+            if found is None or not found[1].known_on_node(found[0].local):
                 raise errors.NotFound(f"volume {volume_id!r} does not exist")
             return None
         return found is not None and found[1].owns_mount(found[0].local, path)
@@ -91,7 +91,7 @@ class NodeService(pb_grpc.NodeServicer):
         cap = _capability(request.volume_capability, backend)
         with self.driver.locks.hold(f"id:{request.volume_id}"):
             backend.stage(parsed.local, request.staging_target_path, cap,
-                          dict(request.volume_context))
+                          dict(request.volume_context), request.secrets)
         return pb.NodeStageVolumeResponse()
 
     def NodeUnstageVolume(self, request: pb.NodeUnstageVolumeRequest,
@@ -117,7 +117,7 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.FailedPrecondition(
                 "staging_target_path is not set; this driver stages volumes first"
             )
-        if backend.get_volume(parsed.local) is None:
+        if not backend.known_on_node(parsed.local):
             raise errors.NotFound(f"volume {request.volume_id!r} does not exist")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
             source = backend.publish_source(parsed.local, request.staging_target_path, cap)
@@ -171,7 +171,7 @@ class NodeService(pb_grpc.NodeServicer):
         parsed, backend = self._volume(volume_id)
         if not os.path.exists(path):
             raise errors.NotFound(f"volume_path {path} does not exist")
-        if mounts.mount_at(path) is None or backend.get_volume(parsed.local) is None or (
+        if mounts.mount_at(path) is None or not backend.known_on_node(parsed.local) or (
                 strict and not backend.owns_mount(parsed.local, path)):
             raise errors.NotFound(f"volume {volume_id!r} is not mounted at {path}")
         return parsed, backend
@@ -209,7 +209,7 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.InvalidArgument(f"backend {parsed.backend!r} cannot expand volumes")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
             size = backend.node_expand(parsed.local, request.volume_path,
-                                       request.staging_target_path)
+                                       request.staging_target_path, request.secrets)
         return pb.NodeExpandVolumeResponse(capacity_bytes=size)
 
     def NodeGetCapabilities(self, request: pb.NodeGetCapabilitiesRequest,

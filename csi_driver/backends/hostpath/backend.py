@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from ... import errors, ids
 from ...node import copying, filesystems, loop, mounts
 from ..base import (
+    NO_SECRETS,
     SINGLE_NODE_MODES,
     Backend,
     BackendConfig,
@@ -21,6 +22,7 @@ from ..base import (
     Features,
     GroupSnapshot,
     NodeInfo,
+    Secrets,
     Snapshot,
     Source,
     Volume,
@@ -245,7 +247,7 @@ class HostPathBackend(Backend):
         return next((e.mount_point for e in mounts.mount_table() if e.source in devices
                      or (e.fs_type == "devtmpfs" and e.root in nodes)), None)
 
-    def delete_volume(self, local_id: str) -> None:
+    def delete_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
         self.probe()
         rec = self.store.read(self.store.volumes, local_id)
         if rec is None:
@@ -262,7 +264,7 @@ class HostPathBackend(Backend):
             with self._sizes_lock:
                 self._sizes.pop(local_id, None)
 
-    def get_volume(self, local_id: str) -> Volume | None:
+    def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None:
         self.probe()
         rec = self.store.read(self.store.volumes, local_id)
         return None if rec is None else self._volume(local_id, rec)
@@ -271,7 +273,8 @@ class HostPathBackend(Backend):
         self.probe()
         return (self._volume(i, r) for i, r in self._records(self.store.volumes))
 
-    def expand_volume(self, local_id: str, size: int) -> tuple[int, bool]:
+    def expand_volume(self, local_id: str, size: int, secrets: Secrets = NO_SECRETS
+                      ) -> tuple[int, bool]:
         rec = self._existing_volume(local_id)
         size = self._sized(rec.layout, rec.fs_type, size, 0)
         if size <= rec.size:
@@ -297,7 +300,8 @@ class HostPathBackend(Backend):
                     f"{key}={value!r} is not one of {', '.join(MUTABLE[key])}"
                 )
 
-    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str]) -> None:
+    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
+                      secrets: Secrets = NO_SECRETS) -> None:
         self._check_mutable(mutable_parameters)
         rec = self._existing_volume(local_id)
         rec.mutable.update(mutable_parameters)
@@ -318,8 +322,8 @@ class HostPathBackend(Backend):
             if os.path.lexists(scratch):
                 shutil.rmtree(scratch, ignore_errors=True)
 
-    def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str]
-                        ) -> Snapshot:
+    def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
+                        secrets: Secrets = NO_SECRETS) -> Snapshot:
         self.probe()
         local_id = ids.local_id_for_name(name)
         rec = self.store.read(self.store.snapshots, local_id)
@@ -329,7 +333,7 @@ class HostPathBackend(Backend):
             assert rec is not None
         return self._snapshot(local_id, rec)
 
-    def delete_snapshot(self, local_id: str) -> None:
+    def delete_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
         self.probe()
         rec = self.store.read(self.store.snapshots, local_id)
         if rec is not None and rec.group:
@@ -339,12 +343,12 @@ class HostPathBackend(Backend):
             )
         self.store.discard(self.store.snapshots, local_id, "delete-snapshot")
 
-    def get_snapshot(self, local_id: str) -> Snapshot | None:
+    def get_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Snapshot | None:
         self.probe()
         rec = self.store.read(self.store.snapshots, local_id)
         return None if rec is None else self._snapshot(local_id, rec)
 
-    def list_snapshots(self) -> Iterator[Snapshot]:
+    def list_snapshots(self, secrets: Secrets = NO_SECRETS) -> Iterator[Snapshot]:
         self.probe()
         return (self._snapshot(i, r) for i, r in self._records(self.store.snapshots))
 
@@ -359,7 +363,8 @@ class HostPathBackend(Backend):
                              created_at=grec.created)
 
     def create_group_snapshot(self, name: str, source_volumes: list[str],
-                              parameters: Mapping[str, str]) -> GroupSnapshot:
+                              parameters: Mapping[str, str], secrets: Secrets = NO_SECRETS
+                              ) -> GroupSnapshot:
         self.probe()
         local_id = ids.local_id_for_name(name)
         grec = self.store.read_group(local_id)
@@ -380,7 +385,7 @@ class HostPathBackend(Backend):
         self.store.commit(scratch, self.store.groups, local_id, grec, "create-group-snapshot")
         return self._group(local_id, grec)
 
-    def delete_group_snapshot(self, local_id: str) -> None:
+    def delete_group_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
         self.probe()
         grec = self.store.read_group(local_id)
         if grec is None:
@@ -390,14 +395,15 @@ class HostPathBackend(Backend):
         for member in grec.members:
             self.store.discard(self.store.snapshots, member)
 
-    def get_group_snapshot(self, local_id: str) -> GroupSnapshot | None:
+    def get_group_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS
+                           ) -> GroupSnapshot | None:
         self.probe()
         grec = self.store.read_group(local_id)
         return None if grec is None else self._group(local_id, grec)
 
     # -- node ----------------------------------------------------------------------------
     def stage(self, local_id: str, staging_path: str, capability: Capability,
-              context: Mapping[str, str]) -> None:
+              context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
         rec = self.store.read(self.store.volumes, local_id)
         if rec is None:
             raise errors.NotFound(f"volume {self.name}:{local_id} does not exist on this node")
@@ -409,11 +415,15 @@ class HostPathBackend(Backend):
     def publish_source(self, local_id: str, staging_path: str, capability: Capability) -> str:
         return block_target(staging_path) if capability.block else staging_path
 
+    def known_on_node(self, local_id: str) -> bool:
+        return self.store.read(self.store.volumes, local_id) is not None
+
     def owns_mount(self, local_id: str, path: str) -> bool:
         rec = self.store.read(self.store.volumes, local_id)
         return rec is not None and self.attacher.owns(local_id, rec, path)
 
-    def node_expand(self, local_id: str, volume_path: str, staging_path: str) -> int:
+    def node_expand(self, local_id: str, volume_path: str, staging_path: str,
+                    secrets: Secrets = NO_SECRETS) -> int:
         rec = self._existing_volume(local_id)
         if rec.layout != DIRECTORY:
             self.attacher.expand(local_id, rec, volume_path)
