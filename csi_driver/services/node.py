@@ -17,11 +17,10 @@ from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
 from ..driver import Driver
 from ..ids import ObjectId
-from ..node import mounts
+from ..node import devices, mounts
 from . import capabilities, convert
 
 _Cap = pb.NodeServiceCapability.RPC.Type
-READ_ONLY_MODES = (AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY)
 # Modes that allow one published writer on the node (Kubernetes ReadWriteOncePod).
 EXCLUSIVE_MODES = (AccessMode.SINGLE_NODE_WRITER, AccessMode.SINGLE_NODE_SINGLE_WRITER)
 
@@ -49,14 +48,6 @@ def _remove(path: str) -> None:
         pass
     except OSError as exc:
         raise errors.Internal(f"could not remove {path}: {exc.strerror}") from exc
-
-
-def _device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 class NodeService(pb_grpc.NodeServicer):
@@ -128,7 +119,8 @@ class NodeService(pb_grpc.NodeServicer):
                     f"volume {request.volume_id!r} is not staged at {request.staging_target_path}; "
                     "call NodeStageVolume first"
                 )
-            read_only = request.readonly or cap.access_mode in READ_ONLY_MODES or staged.read_only
+            read_only = (request.readonly or staged.read_only
+                         or cap.access_mode in devices.READ_ONLY_MODES)
             if cap.access_mode in EXCLUSIVE_MODES and not read_only:
                 self._check_exclusive(text, staged, source, request.target_path)
             flags = mounts.bind_flags(cap.mount_flags, read_only)
@@ -184,7 +176,7 @@ class NodeService(pb_grpc.NodeServicer):
         unit = pb.VolumeUsage.Unit
         response = pb.NodeGetVolumeStatsResponse()
         if stat.S_ISBLK(os.stat(path).st_mode):
-            response.usage.append(pb.VolumeUsage(unit=unit.BYTES, total=_device_size(path)))
+            response.usage.append(pb.VolumeUsage(unit=unit.BYTES, total=devices.device_size(path)))
         else:
             st = os.statvfs(path)
             response.usage.extend([

@@ -10,20 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Iterator
 
 from ... import errors, faults
-from ...node import filesystems, loop, mounts
-from ..base import AccessMode, Capability, Condition
+from ...node import devices, filesystems, loop, mounts
+from ..base import Capability, Condition
 from .store import BLOCK, DIRECTORY, IMAGE, IMAGE_FILE, Record, Store
-
-READ_ONLY_MODES = (AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY)
-DEVICE_NAME = "device"
-
-
-def block_target(staging_path: str) -> str:
-    return os.path.join(staging_path, DEVICE_NAME)
 
 
 class Attacher:
@@ -39,70 +31,37 @@ class Attacher:
                 f"the volume is {'raw block' if rec.layout == BLOCK else 'a filesystem'}; "
                 f"it cannot be staged as {'block' if cap.block else 'a mount'}"
             )
-        read_only = rec.mutable.get("readOnly") == "true" or cap.access_mode in READ_ONLY_MODES
+        read_only = (rec.mutable.get("readOnly") == "true"
+                     or cap.access_mode in devices.READ_ONLY_MODES)
         if rec.layout == DIRECTORY:
             flags = mounts.bind_flags(cap.mount_flags, read_only)
             mounts.ensure_bind(self.store.payload(self.store.volumes, local_id, rec), staging,
                                flags)
             return
-        if rec.layout == BLOCK:
-            device = loop.attach(self._image(local_id))
-            faults.point("stage")
-            mounts.ensure_bind(device, block_target(staging),
-                               mounts.MS_RDONLY if read_only else 0, make="file")
-            return
-        current = mounts.mount_at(staging)
-        if current is not None:
+        if rec.layout == IMAGE and mounts.mount_at(staging) is not None:
             if self.owns(local_id, rec, staging):
                 return
             raise errors.AlreadyExists(f"{staging} already holds another mount")
         device = loop.attach(self._image(local_id))
         faults.point("stage")
         try:
-            self._mount_image(device, rec, staging, cap, read_only)
+            if rec.layout == BLOCK:
+                devices.stage_block(device, staging, read_only)
+            else:
+                devices.stage_filesystem(device, staging, rec.fs_type, cap, read_only)
         except BaseException:
             loop.detach_all(self._image(local_id))
             raise
 
-    @staticmethod
-    def _mount_image(device: str, rec: Record, staging: str, cap: Capability,
-                     read_only: bool) -> None:
-        found = filesystems.detect(device)
-        if not found:
-            filesystems.make(device, rec.fs_type)
-            found = rec.fs_type
-        elif cap.fs_type and cap.fs_type != found:
-            raise errors.InvalidArgument(
-                f"the volume holds a {found} filesystem; {cap.fs_type} was requested"
-            )
-        if found == "ext4" and filesystems.ext4_size(device) < loop.device_size(device):
-            filesystems.grow_offline(device, found)  # restored/expanded while unstaged
-        flags, data = mounts.split_options(cap.mount_flags, read_only)
-        if not os.path.isdir(staging):
-            os.mkdir(staging, 0o750)
-        mounts.mount_fs(device, staging, found, flags, data)
-        if found == "xfs" and not read_only:
-            filesystems.grow_online(device, staging, found)
-
     def unstage(self, local_id: str, staging: str) -> None:
-        device_file = block_target(staging)
-        if os.path.lexists(device_file):
-            mounts.unmount(device_file)
-            os.unlink(device_file)
-        mounts.unmount(staging)
+        devices.unstage(staging)
         loop.detach_all(self._image(local_id))
 
     def owns(self, local_id: str, rec: Record, path: str) -> bool:
         if rec.layout == DIRECTORY:
             return mounts.same_object(self.store.payload(self.store.volumes, local_id, rec), path)
-        try:
-            st = os.stat(path)
-            devices = {os.stat(d).st_rdev for d in loop.attached(self._image(local_id))}
-        except OSError:
-            return False
-        if rec.layout == BLOCK:
-            return stat.S_ISBLK(st.st_mode) and st.st_rdev in devices
-        return st.st_dev in devices
+        return devices.shows_device(path, loop.attached(self._image(local_id)),
+                                    rec.layout == BLOCK)
 
     def expand(self, local_id: str, rec: Record, volume_path: str) -> None:
         for device in loop.attached(self._image(local_id)):
@@ -127,9 +86,7 @@ class Attacher:
         """Hold writes to a mounted image volume still while its blocks are copied."""
         mount_point = None
         if rec.layout == IMAGE:
-            devices = {_dev_string(d) for d in loop.attached(self._image(local_id))}
-            mount_point = next((m.mount_point for m in mounts.mount_table()
-                                if m.device in devices), None)
+            mount_point = devices.mount_point_of(loop.attached(self._image(local_id)))
         if mount_point is None:
             yield
             return
@@ -138,8 +95,3 @@ class Attacher:
             yield
         finally:
             filesystems.thaw(mount_point)
-
-
-def _dev_string(device: str) -> str:
-    rdev = os.stat(device).st_rdev
-    return f"{os.major(rdev)}:{os.minor(rdev)}"

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping
 
 from ... import errors, ids
 from ...node import copying, filesystems, loop, mounts
+from ...node.devices import block_target
 from ..base import (
     NO_SECRETS,
     SINGLE_NODE_MODES,
@@ -28,7 +29,7 @@ from ..base import (
     Volume,
     VolumeRequest,
 )
-from .attach import Attacher, block_target
+from .attach import Attacher
 from .config import HostPathConfig
 from .store import BLOCK, DIRECTORY, IMAGE, IMAGE_FILE, GroupRecord, Record, Store
 
