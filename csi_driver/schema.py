@@ -90,4 +90,7 @@ def load(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
             values[name] = convert(raw) if convert else _check_type(hints[name], raw)
         except ValueError as exc:
             raise SchemaError(f"{prefix}{name}", str(exc)) from None
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a check across fields, from the dataclass's __post_init__
+        raise SchemaError(where or "(top level)", str(exc)) from None

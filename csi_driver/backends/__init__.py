@@ -12,9 +12,11 @@ from importlib.metadata import entry_points
 
 from .base import Backend
 from .hostpath import HostPathBackend
+from .rbd import RbdBackend
 
 ENTRY_POINT_GROUP = "csi_driver.backends"
-BUILTIN: dict[str, type[Backend]] = {"hostpath": HostPathBackend}
+# The rbd module imports librados/librbd only when a cluster is used, so listing it costs nothing.
+BUILTIN: dict[str, type[Backend]] = {"hostpath": HostPathBackend, "rbd": RbdBackend}
 
 
 def backend_types() -> dict[str, type[Backend]]:

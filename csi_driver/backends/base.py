@@ -243,9 +243,10 @@ class Backend(ABC):
         """Grow to `size` bytes; returns (new size, whether the node must finish the job)."""
         raise self._unsupported("expansion")
 
-    def node_expand(self, local_id: str, volume_path: str, staging_path: str,
+    def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
                     secrets: Secrets = NO_SECRETS) -> int:
-        """Grow what the node sees (device, filesystem); returns the new size in bytes."""
+        """Grow what the node sees (device, filesystem) to at least `required` bytes (0: to
+        whatever the storage now holds); returns the new size in bytes."""
         raise self._unsupported("expansion")
 
     def node_condition(self, local_id: str, volume_path: str) -> Condition:

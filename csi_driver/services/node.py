@@ -201,7 +201,8 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.InvalidArgument(f"backend {parsed.backend!r} cannot expand volumes")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
             size = backend.node_expand(parsed.local, request.volume_path,
-                                       request.staging_target_path, request.secrets)
+                                       request.staging_target_path,
+                                       request.capacity_range.required_bytes, request.secrets)
         return pb.NodeExpandVolumeResponse(capacity_bytes=size)
 
     def NodeGetCapabilities(self, request: pb.NodeGetCapabilitiesRequest,

@@ -423,7 +423,7 @@ class HostPathBackend(Backend):
         rec = self.store.read(self.store.volumes, local_id)
         return rec is not None and self.attacher.owns(local_id, rec, path)
 
-    def node_expand(self, local_id: str, volume_path: str, staging_path: str,
+    def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
                     secrets: Secrets = NO_SECRETS) -> int:
         rec = self._existing_volume(local_id)
         if rec.layout != DIRECTORY:

@@ -1,0 +1,340 @@
+"""Ceph RBD backend: volumes and snapshots as RBD images, through librados/librbd."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from ... import errors, faults, ids
+from ...node import devices
+from ..base import (
+    NO_SECRETS,
+    SINGLE_NODE_MODES,
+    AccessMode,
+    Backend,
+    BackendConfig,
+    Capability,
+    Capacity,
+    Condition,
+    Expansion,
+    Features,
+    NodeInfo,
+    Secrets,
+    Snapshot,
+    Source,
+    Volume,
+    VolumeRequest,
+)
+from . import images
+from .attach import Attacher
+from .cluster import Cluster, Credentials, credentials
+from .config import RbdConfig
+from .images import RESTORE_SNAP, SNAPSHOT_PREFIX, VOLUME_PREFIX, ImageRecord
+
+MiB = 1 << 20
+
+
+class RbdBackend(Backend):
+    type_name = "rbd"
+    Config = RbdConfig
+    features = Features(
+        access_modes=SINGLE_NODE_MODES | {AccessMode.MULTI_NODE_READER_ONLY},
+        block=True,
+        parameters=frozenset({"imageFeatures"}),
+        mutable_parameters=frozenset(images.QOS_KEYS),
+        snapshots=True,
+        clones=True,
+        expansion=Expansion.ONLINE,
+        volume_condition=True,
+    )
+
+    def __init__(self, name: str, config: BackendConfig, node: NodeInfo) -> None:
+        super().__init__(name, config, node)
+        assert isinstance(config, RbdConfig)
+        self.config = config
+        self.cluster = Cluster(config)
+        self.attacher = Attacher(config)
+        self.purger = images.Purger(self.cluster.call)
+        self._swept = False
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _creds(self, secrets: Secrets) -> Credentials:
+        return credentials(self.config, secrets)
+
+    def _call(self, secrets: Secrets, what: str, fn: Any) -> Any:
+        return self.cluster.call(self._creds(secrets), what, fn)
+
+    def _volume(self, local_id: str, rec: ImageRecord) -> Volume:
+        kind, _, source_id = rec.source.partition(":")
+        return Volume(
+            local_id=local_id, name=rec.name, size=rec.size, parameters=rec.parameters,
+            source=Source(kind, source_id) if kind else None, block=rec.block,
+            mutable_parameters=rec.qos, condition=Condition(False, ""),
+            context={"pool": self.config.pool, "image": rec.image},
+        )
+
+    @staticmethod
+    def _snapshot(local_id: str, rec: ImageRecord) -> Snapshot:
+        return Snapshot(local_id=local_id, name=rec.name, source_volume=rec.source,
+                        size=rec.size, created_at=rec.created)
+
+    def probe(self) -> None:
+        try:
+            import rados  # noqa: F401
+            import rbd  # noqa: F401
+        except ImportError:
+            raise errors.Unavailable(
+                "the Ceph Python bindings are missing: install python3-rados and python3-rbd"
+            ) from None
+        if self.config.userID and self.config.userKeyFile:
+            self._call(NO_SECRETS, "checking the pool", lambda ctx: None)
+            if not self._swept:  # images a crash left in the trash
+                self.purger.sweep(self._creds(NO_SECRETS))
+                self._swept = True
+
+    # -- volumes -------------------------------------------------------------------------
+    def create_volume(self, request: VolumeRequest) -> Volume:
+        local_id = ids.local_id_for_name(request.name)
+        image = VOLUME_PREFIX + local_id
+        feature_names = request.parameters.get("imageFeatures", self.config.imageFeatures)
+
+        def create(ctx: Any) -> ImageRecord:
+            import rbd
+
+            found = images.read(ctx, image)
+            if isinstance(found, ImageRecord):
+                return found
+            if found is False:  # a crashed attempt: start again
+                self._discard(ctx, creds, image)
+            bits = images.features(rbd.RBD(), feature_names)
+            rec = ImageRecord(image=image, name=request.name, size=request.size,
+                              parameters=dict(request.parameters),
+                              block=any(c.block for c in request.capabilities))
+            if request.source is None:
+                rec.size = _round(request.size, request.limit)
+                rbd.RBD().create(ctx, image, rec.size, old_format=False, features=bits)
+            else:
+                self._clone_from(ctx, request, rec, bits)
+            faults.point("create-volume")
+            if request.source is not None:
+                with rbd.Image(ctx, image) as img:
+                    if img.size() < rec.size:
+                        img.resize(rec.size)
+                    if rec.depth > self.config.maxCloneDepth:
+                        img.flatten()
+                        rec.depth = 0
+            images.complete(ctx, rec)
+            return rec
+
+        creds = self._creds(request.secrets)
+        rec = self.cluster.call(creds, f"creating image {image}", create)
+        return self._volume(local_id, rec)
+
+    def _discard(self, ctx: Any, creds: Credentials, image: str) -> None:
+        iid = images.to_trash(ctx, image)
+        if iid is not None:
+            self.purger.add(creds, iid)
+
+    def _clone_from(self, ctx: Any, request: VolumeRequest, rec: ImageRecord, bits: int) -> None:
+        import rbd
+
+        assert request.source is not None
+        kind, source_id = request.source.kind, request.source.local_id
+        parent = (SNAPSHOT_PREFIX if kind == "snapshot" else VOLUME_PREFIX) + source_id
+        found = images.read(ctx, parent)
+        if not isinstance(found, ImageRecord):
+            raise errors.NotFound(f"source {kind} {self.name}:{source_id} does not exist")
+        rec.size = _round(max(request.size, found.size), request.limit)
+        rec.source, rec.depth = f"{kind}:{source_id}", found.depth + 1
+        if kind == "snapshot":
+            images.clone(ctx, parent, RESTORE_SNAP, rec.image, bits)
+            return
+        # A volume: snapshot it for the clone, then drop the snapshot (clone v2 keeps it in the
+        # trash namespace while the clone needs it).
+        snap = f"clone-{rec.image}"
+        with rbd.Image(ctx, parent) as img:
+            if snap not in {s["name"] for s in img.list_snaps()}:
+                img.create_snap(snap)
+        images.clone(ctx, parent, snap, rec.image, bits)
+        with rbd.Image(ctx, parent) as img:
+            img.remove_snap(snap)
+
+    def delete_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+        image = VOLUME_PREFIX + local_id
+        creds = self._creds(secrets)
+
+        def delete(ctx: Any) -> None:
+            busy = images.watchers(ctx, image)
+            if busy:
+                raise errors.FailedPrecondition(
+                    f"image {image} is still attached by {', '.join(busy)}; unstage it first")
+            self._discard(ctx, creds, image)
+            faults.point("delete-volume")
+
+        self.cluster.call(creds, f"deleting image {image}", delete)
+
+    def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None:
+        found = self._call(secrets, "reading the volume",
+                           lambda ctx: images.read(ctx, VOLUME_PREFIX + local_id))
+        return self._volume(local_id, found) if isinstance(found, ImageRecord) else None
+
+    def _list(self, prefix: str) -> list[tuple[str, ImageRecord]]:
+        import rbd
+
+        def scan(ctx: Any) -> list[tuple[str, ImageRecord]]:
+            out = []
+            for image in sorted(rbd.RBD().list(ctx)):
+                if image.startswith(prefix):
+                    found = images.read(ctx, image)
+                    if isinstance(found, ImageRecord):
+                        out.append((image[len(prefix):], found))
+            return out
+
+        return self._call(NO_SECRETS, "listing images", scan)  # type: ignore[no-any-return]
+
+    def list_volumes(self) -> Iterator[Volume]:
+        return (self._volume(i, r) for i, r in self._list(VOLUME_PREFIX))
+
+    def capacity(self, parameters: Mapping[str, str]) -> Capacity:
+        creds = self._creds(NO_SECRETS)
+        handle = self.cluster.handle(creds)
+        try:
+            ret, out, _ = handle.mon_command(json.dumps({"prefix": "df", "format": "json"}),
+                                             b"", timeout=self.config.timeoutSeconds)
+        except Exception as exc:
+            from .cluster import translate
+
+            raise translate(exc, creds.user, "reading the pool's free space") from None
+        if ret != 0:
+            raise errors.Unavailable(f"ceph df failed ({ret}); does {creds.user} have mon 'r'?")
+        pools = {p["name"]: p["stats"] for p in json.loads(out)["pools"]}
+        if not pools:
+            raise errors.Unavailable("the cluster reports no pool statistics (no ceph-mgr?)")
+        if self.config.pool not in pools:
+            raise errors.InvalidArgument(f"pool {self.config.pool!r} does not exist")
+        available = int(pools[self.config.pool]["max_avail"])
+        return Capacity(available=available, maximum_volume_size=available)
+
+    def expand_volume(self, local_id: str, size: int, secrets: Secrets = NO_SECRETS
+                      ) -> tuple[int, bool]:
+        import rbd
+
+        image = VOLUME_PREFIX + local_id
+
+        def grow(ctx: Any) -> tuple[int, bool]:
+            found = images.read(ctx, image)
+            if not isinstance(found, ImageRecord):
+                raise errors.NotFound(f"volume {self.name}:{local_id} does not exist")
+            target = _round(size, 0)
+            if target <= found.size:
+                return found.size, False
+            with rbd.Image(ctx, image) as img:
+                img.resize(target)
+            return target, True
+
+        return self._call(secrets, f"resizing image {image}", grow)  # type: ignore[no-any-return]
+
+    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
+                      secrets: Secrets = NO_SECRETS) -> None:
+        import rbd
+
+        for key, value in mutable_parameters.items():
+            if key not in images.QOS_KEYS or not value.isdigit():
+                raise errors.InvalidArgument(
+                    f"{key}={value!r}: mutable parameters are {', '.join(images.QOS_KEYS)}, "
+                    "each a whole number (0 = unlimited)")
+        image = VOLUME_PREFIX + local_id
+
+        def apply(ctx: Any) -> None:
+            with rbd.Image(ctx, image) as img:
+                for key, value in mutable_parameters.items():
+                    # librbd reads per-image overrides of its options from conf_* metadata.
+                    img.metadata_set(f"conf_{key}", value)
+
+        self._call(secrets, f"setting QoS on image {image}", apply)
+
+    # -- snapshots -----------------------------------------------------------------------
+    def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
+                        secrets: Secrets = NO_SECRETS) -> Snapshot:
+        import rbd
+
+        local_id = ids.local_id_for_name(name)
+        image, source = SNAPSHOT_PREFIX + local_id, VOLUME_PREFIX + source_volume
+        snap = f"snap-{image}"
+
+        def take(ctx: Any) -> ImageRecord:
+            found = images.read(ctx, image)
+            if isinstance(found, ImageRecord):
+                return found
+            if found is False:
+                self._discard(ctx, creds, image)
+            vol = images.read(ctx, source)
+            if not isinstance(vol, ImageRecord):
+                raise errors.NotFound(f"volume {self.name}:{source_volume} does not exist")
+            with rbd.Image(ctx, source) as img:
+                if snap not in {s["name"] for s in img.list_snaps()}:
+                    img.create_snap(snap)
+                bits = img.features()
+            images.clone(ctx, source, snap, image, bits)
+            rec = ImageRecord(image=image, name=name, size=vol.size, source=source_volume,
+                              depth=vol.depth + 1, created=time.time())
+            faults.point("create-snapshot")
+            with rbd.Image(ctx, image) as img:
+                if rec.depth > self.config.maxCloneDepth:
+                    img.flatten()
+                    rec.depth = 0
+                img.create_snap(RESTORE_SNAP)
+            with rbd.Image(ctx, source) as img:
+                img.remove_snap(snap)  # to the trash namespace while the snapshot image needs it
+            images.complete(ctx, rec)
+            return rec
+
+        creds = self._creds(secrets)
+        rec = self.cluster.call(creds, f"snapshotting image {source}", take)
+        return self._snapshot(local_id, rec)
+
+    def delete_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+        image = SNAPSHOT_PREFIX + local_id
+        creds = self._creds(secrets)
+        self.cluster.call(creds, f"deleting snapshot image {image}",
+                          lambda ctx: self._discard(ctx, creds, image))
+
+    def get_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Snapshot | None:
+        found = self._call(secrets, "reading the snapshot",
+                           lambda ctx: images.read(ctx, SNAPSHOT_PREFIX + local_id))
+        return self._snapshot(local_id, found) if isinstance(found, ImageRecord) else None
+
+    def list_snapshots(self, secrets: Secrets = NO_SECRETS) -> Iterator[Snapshot]:
+        return (self._snapshot(i, r) for i, r in self._list(SNAPSHOT_PREFIX))
+
+    # -- node ----------------------------------------------------------------------------
+    def stage(self, local_id: str, staging_path: str, capability: Capability,
+              context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
+        self.attacher.stage(VOLUME_PREFIX + local_id, staging_path, capability,
+                            self._creds(secrets))
+
+    def unstage(self, local_id: str, staging_path: str) -> None:
+        self.attacher.unstage(VOLUME_PREFIX + local_id, staging_path)
+
+    def publish_source(self, local_id: str, staging_path: str, capability: Capability) -> str:
+        return devices.block_target(staging_path) if capability.block else staging_path
+
+    def owns_mount(self, local_id: str, path: str) -> bool:
+        return self.attacher.owns(VOLUME_PREFIX + local_id, path)
+
+    def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
+                    secrets: Secrets = NO_SECRETS) -> int:
+        return self.attacher.expand(VOLUME_PREFIX + local_id, volume_path, required)
+
+    def node_condition(self, local_id: str, volume_path: str) -> Condition:
+        return self.attacher.condition(VOLUME_PREFIX + local_id, volume_path)
+
+
+def _round(size: int, limit: int) -> int:
+    """Whole MiB (filesystems and loop devices want aligned sizes), within `limit`."""
+    rounded = max(MiB, -(-size // MiB) * MiB)
+    if limit and rounded > limit:
+        raise errors.OutOfRange(f"RBD volumes come in whole MiB: {rounded} exceeds limit {limit}")
+    return rounded

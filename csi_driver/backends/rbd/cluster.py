@@ -1,0 +1,180 @@
+"""Connections to the Ceph cluster through librados, with bounded waits and readable errors.
+
+Credentials come from the request's CSI secrets (userID/userKey) or the backend config; the key
+is handed to librados in memory (the `key` option), so it never touches the disk on the
+controller. Connections are cached per credential: connecting costs ~10 ms, an RPC ~1 ms.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ... import errors
+from .config import RbdConfig
+
+T = TypeVar("T")
+MAX_CONNECTIONS = 8
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str
+    key: str
+
+    def __repr__(self) -> str:  # never show the key, even in a traceback
+        return f"Credentials(user={self.user!r})"
+
+
+def credentials(config: RbdConfig, secrets: Mapping[str, str]) -> Credentials:
+    user = secrets.get("userID") or config.userID
+    key = secrets.get("userKey", "")
+    if not key and config.userKeyFile and user == config.userID:
+        try:
+            with open(config.userKeyFile) as f:
+                key = f.read().strip()
+        except OSError as exc:
+            raise errors.FailedPrecondition(
+                f"cannot read userKeyFile {config.userKeyFile}: {exc.strerror}") from None
+    if not user or not key:
+        raise errors.InvalidArgument(
+            "Ceph credentials missing: pass secrets userID and userKey (for example through "
+            "csi.storage.k8s.io/provisioner-secret-name) or set userID and userKeyFile in the "
+            "backend config"
+        )
+    try:  # librados would print a key it cannot decode to stderr: check it first
+        valid = len(base64.b64decode(key, validate=True)) >= 12
+    except ValueError:
+        valid = False
+    if not valid:
+        raise errors.InvalidArgument(
+            f"the key of Ceph user {user!r} is malformed (expected a base64 cephx key)")
+    return Credentials(user, key)
+
+
+def translate(exc: Exception, user: str, what: str) -> errors.CsiError:
+    """A librados/librbd exception as the CSI error an operator can act on."""
+    import rados
+    import rbd
+
+    text = f"{what}: {type(exc).__name__}"
+    if isinstance(exc, rados.PermissionDeniedError | rados.PermissionError | rbd.PermissionError):
+        return errors.PermissionDenied(
+            f"{what}: Ceph refused user {user!r} (wrong key or missing caps)")
+    if isinstance(exc, rados.InvalidArgumentError) and what.startswith("connecting"):
+        return errors.InvalidArgument(
+            f"{what}: the key of user {user!r} is malformed (expected a base64 cephx key)")
+    if isinstance(exc, rados.TimedOut | rbd.Timeout | rados.InterruptedOrTimeoutError):
+        return errors.Unavailable(f"{what}: the Ceph cluster did not answer in time")
+    if isinstance(exc, rados.ObjectNotFound | rbd.ImageNotFound):
+        return errors.NotFound(f"{what}: not found")
+    if isinstance(exc, rbd.NoSpace | rbd.DiskQuotaExceeded):
+        return errors.ResourceExhausted(f"{what}: the pool is full or over quota")
+    if isinstance(exc, rbd.ImageBusy):
+        return errors.FailedPrecondition(f"{what}: the image is in use")
+    return errors.Internal(f"{text} {exc}")
+
+
+class Cluster:
+    """librados handles per credential, opened on demand and kept for reuse."""
+
+    def __init__(self, config: RbdConfig) -> None:
+        self.config = config
+        self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _conf(self, creds: Credentials) -> dict[str, str]:
+        timeout = str(self.config.timeoutSeconds)
+        conf = {
+            "key": creds.key,
+            "keyring": "",  # the key above is all it needs: no default keyring lookups
+            "client_mount_timeout": timeout,
+            "rados_mon_op_timeout": timeout,
+            "rados_osd_op_timeout": timeout,
+            "log_to_stderr": "false",
+            "err_to_stderr": "false",
+            "log_file": "",
+            # clone v2: restores and clones never need a protected parent snapshot.
+            "rbd_default_clone_format": "2",
+        }
+        if self.config.monitors:
+            conf["mon_host"] = ",".join(self.config.monitors)
+        return conf
+
+    def _connect(self, creds: Credentials) -> Any:
+        import rados
+
+        # Without cephConf no file is read at all: the monitors come from the config.
+        handle = rados.Rados(rados_id=creds.user, conffile=self.config.cephConf or None,
+                             conf=self._conf(creds))
+        try:
+            handle.connect(timeout=self.config.timeoutSeconds)
+        except Exception as exc:
+            handle.shutdown()
+            raise translate(exc, creds.user, "connecting to the Ceph cluster") from None
+        return handle
+
+    def handle(self, creds: Credentials) -> Any:
+        slot = hashlib.sha256(f"{creds.user}\0{creds.key}".encode()).hexdigest()
+        with self._lock:
+            found = self._handles.get(slot)
+            if found is not None:
+                self._handles.move_to_end(slot)
+                return found
+        fresh = self._connect(creds)  # outside the lock: a slow monitor must not stall others
+        with self._lock:
+            if slot in self._handles:
+                fresh.shutdown()
+                return self._handles[slot]
+            self._handles[slot] = fresh
+            while len(self._handles) > MAX_CONNECTIONS:
+                self._handles.popitem(last=False)[1].shutdown()
+        return fresh
+
+    def forget(self, creds: Credentials) -> None:
+        slot = hashlib.sha256(f"{creds.user}\0{creds.key}".encode()).hexdigest()
+        with self._lock:
+            handle = self._handles.pop(slot, None)
+        if handle is not None:
+            handle.shutdown()
+
+    @contextlib.contextmanager
+    def ioctx(self, creds: Credentials) -> Iterator[Any]:
+        import rados
+
+        handle = self.handle(creds)
+        try:
+            ctx = handle.open_ioctx(self.config.pool)
+        except rados.ObjectNotFound:
+            raise errors.InvalidArgument(
+                f"pool {self.config.pool!r} does not exist in the Ceph cluster") from None
+        except Exception as exc:
+            if isinstance(exc, rados.TimedOut | rados.PermissionDeniedError):
+                self.forget(creds)
+            raise translate(exc, creds.user, f"opening pool {self.config.pool!r}") from None
+        try:
+            if self.config.radosNamespace:
+                ctx.set_namespace(self.config.radosNamespace)
+            yield ctx
+        finally:
+            ctx.close()
+
+    def call(self, creds: Credentials, what: str, fn: Callable[[Any], T]) -> T:
+        """Run `fn(ioctx)`, turning librados/librbd errors into CSI errors about `what`."""
+        with self.ioctx(creds) as ctx:
+            try:
+                return fn(ctx)
+            except errors.CsiError:
+                raise
+            except Exception as exc:
+                import rados
+
+                if not isinstance(exc, rados.Error) and type(exc).__module__ != "rbd":
+                    raise
+                raise translate(exc, creds.user, what) from None

@@ -1,0 +1,444 @@
+"""The Ceph RBD backend against a real single-node Ceph cluster (started by tests/ceph), with the
+fuse mounter attaching images on this host for real: data written, detached, re-attached, read.
+
+krbd and rbd-nbd need kernel modules this machine does not have; their tests say so and skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_driver.csi import csi_pb2 as pb
+
+from .ceph.cluster import CephCluster
+from .conftest import needs_root, status_of
+from .harness import Driver, MiB, block_cap, mount_cap, start_driver, write_config
+from .test_node import publish, unpublish, unstage
+
+pytestmark = needs_root
+Src = pb.VolumeContentSource
+
+
+def rbd_config(cluster: CephCluster, tmp: Path, **extra: object) -> Path:
+    keyfile = tmp / "csi.key"
+    keyfile.write_text(cluster.csi_key)
+    backend = {"type": "rbd", "pool": cluster.pool, "monitors": [cluster.monitors],
+               "mounter": "fuse", "nodeStateDir": str(tmp / "node"), "userID": cluster.csi_user,
+               "userKeyFile": str(keyfile), "timeoutSeconds": 5, **extra}
+    return write_config(tmp / "c.yaml", {"ceph": backend})
+
+
+@pytest.fixture(scope="module")
+def rbd(ceph_cluster: CephCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
+    tmp = tmp_path_factory.mktemp("rbd")
+    d = start_driver(tmp, rbd_config(ceph_cluster, tmp, maxCloneDepth=3))
+    d.cluster = ceph_cluster  # type: ignore[attr-defined]
+    yield d
+    assert d.stop() == 0
+
+
+def secrets(cluster: CephCluster, key: str | None = None) -> dict[str, str]:
+    return {"userID": cluster.csi_user, "userKey": cluster.csi_key if key is None else key}
+
+
+def create(d: Driver, name: str, size: int = 64 * MiB, source: Src | None = None,
+           cap: pb.VolumeCapability | None = None) -> pb.Volume:
+    req = pb.CreateVolumeRequest(
+        name=name, capacity_range=pb.CapacityRange(required_bytes=size),
+        volume_capabilities=[cap or mount_cap()], secrets=secrets(d.cluster))  # type: ignore[attr-defined]
+    if source is not None:
+        req.volume_content_source.CopyFrom(source)
+    return d.controller.CreateVolume(req).volume
+
+
+def delete(d: Driver, volume_id: str) -> None:
+    d.controller.DeleteVolume(pb.DeleteVolumeRequest(
+        volume_id=volume_id, secrets=secrets(d.cluster)))  # type: ignore[attr-defined]
+
+
+def snapshot(d: Driver, name: str, volume_id: str) -> pb.Snapshot:
+    return d.controller.CreateSnapshot(pb.CreateSnapshotRequest(
+        name=name, source_volume_id=volume_id,
+        secrets=secrets(d.cluster))).snapshot  # type: ignore[attr-defined]
+
+
+def delete_snapshot(d: Driver, snapshot_id: str) -> None:
+    d.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(
+        snapshot_id=snapshot_id, secrets=secrets(d.cluster)))  # type: ignore[attr-defined]
+
+
+def rbd_stage(d: Driver, vid: str, staging: Path, cap: pb.VolumeCapability | None = None) -> None:
+    d.node.NodeStageVolume(pb.NodeStageVolumeRequest(
+        volume_id=vid, staging_target_path=str(staging), volume_capability=cap or mount_cap(),
+        secrets=secrets(d.cluster)))  # type: ignore[attr-defined]
+
+
+def images(cluster: CephCluster) -> list[str]:
+    return sorted(json.loads(cluster.rbd("ls", "--format", "json", cluster.pool) or "[]"))
+
+
+def record(cluster: CephCluster, image: str) -> dict[str, object]:
+    """The driver's record of an image, as `rbd image-meta` shows it."""
+    out = cluster.rbd("image-meta", "get", f"{cluster.pool}/{image}", "berth")
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def trash(cluster: CephCluster, wait: float = 30) -> list[str]:
+    """What is in the trash once the driver's background purger has had `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        listed = json.loads(cluster.rbd("trash", "ls", "--format", "json", cluster.pool) or "[]")
+        if not listed or time.monotonic() > deadline:
+            return sorted(t["name"] for t in listed)
+        time.sleep(0.2)
+
+
+def test_lifecycle_with_data_snapshot_restore_clone(rbd: Driver, tmp_path: Path) -> None:
+    cluster: CephCluster = rbd.cluster  # type: ignore[attr-defined]
+    vol = create(rbd, "pvc-data", 64 * MiB)
+    assert create(rbd, "pvc-data", 64 * MiB) == vol
+    assert status_of(lambda: create(rbd, "pvc-data", 128 * MiB)) == grpc.StatusCode.ALREADY_EXISTS
+    staging, target = tmp_path / "staging", tmp_path / "target"
+    staging.mkdir()
+    rbd_stage(rbd, vol.volume_id, staging)
+    publish(rbd, vol.volume_id, str(staging), str(target))
+    (target / "file").write_text("at snapshot time")
+    unpublish(rbd, vol.volume_id, str(target))
+    unstage(rbd, vol.volume_id, str(staging))
+    rbd_stage(rbd, vol.volume_id, staging)  # re-attached: the data is still there
+    assert (staging / "file").read_text() == "at snapshot time"
+    os.sync()
+    t0 = time.monotonic()
+    snap = snapshot(rbd, "snap-data", vol.volume_id)
+    snap_seconds = time.monotonic() - t0
+    assert snap.ready_to_use and snap.source_volume_id == vol.volume_id
+    (staging / "file").write_text("after the snapshot")
+    unstage(rbd, vol.volume_id, str(staging))
+    restored = create(rbd, "pvc-restored", 128 * MiB,
+                      Src(snapshot=Src.SnapshotSource(snapshot_id=snap.snapshot_id)))
+    clone = create(rbd, "pvc-clone", 64 * MiB,
+                   Src(volume=Src.VolumeSource(volume_id=vol.volume_id)))
+    try:
+        assert restored.capacity_bytes == 128 * MiB
+        rbd_stage(rbd, restored.volume_id, staging)
+        assert (staging / "file").read_text() == "at snapshot time"
+        st = os.statvfs(staging)
+        assert st.f_blocks * st.f_frsize > 96 * MiB  # grown into the larger volume
+        unstage(rbd, restored.volume_id, str(staging))
+        rbd_stage(rbd, clone.volume_id, staging)
+        assert (staging / "file").read_text() == "after the snapshot"
+        unstage(rbd, clone.volume_id, str(staging))
+    finally:
+        for v in (restored, clone, vol):
+            delete(rbd, v.volume_id)
+        delete_snapshot(rbd, snap.snapshot_id)
+    assert images(cluster) == [] and trash(cluster) == []
+    assert snap_seconds < 5
+
+
+def test_delete_volume_with_snapshot_keeps_the_snapshot(rbd: Driver, tmp_path: Path) -> None:
+    cluster: CephCluster = rbd.cluster  # type: ignore[attr-defined]
+    vol = create(rbd, "pvc-parent")
+    staging = tmp_path / "s"
+    staging.mkdir()
+    rbd_stage(rbd, vol.volume_id, staging)
+    (staging / "keep").write_text("child data")
+    unstage(rbd, vol.volume_id, str(staging))
+    snap = snapshot(rbd, "snap-parent", vol.volume_id)
+    delete(rbd, vol.volume_id)  # the snapshot still depends on it: to the trash, not lost
+    assert not any(i.startswith("csi-vol-") for i in images(cluster))
+    restored = create(rbd, "pvc-from-orphan",
+                      source=Src(snapshot=Src.SnapshotSource(snapshot_id=snap.snapshot_id)))
+    rbd_stage(rbd, restored.volume_id, staging)
+    assert (staging / "keep").read_text() == "child data"
+    unstage(rbd, restored.volume_id, str(staging))
+    delete_snapshot(rbd, snap.snapshot_id)
+    delete(rbd, restored.volume_id)
+    assert images(cluster) == [] and trash(cluster) == []
+
+
+def test_block_volume_and_online_expansion(rbd: Driver, tmp_path: Path) -> None:
+    vol = create(rbd, "pvc-block", 32 * MiB, cap=block_cap())
+    staging, target = tmp_path / "s", tmp_path / "dev"
+    staging.mkdir()
+    rbd_stage(rbd, vol.volume_id, staging, block_cap())
+    publish(rbd, vol.volume_id, str(staging), str(target), cap=block_cap())
+    try:
+        fd = os.open(target, os.O_RDWR)
+        os.pwrite(fd, b"block bytes", 5 * MiB)
+        os.fsync(fd)
+        os.close(fd)
+        resp = rbd.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+            volume_id=vol.volume_id, capacity_range=pb.CapacityRange(required_bytes=48 * MiB),
+            secrets=secrets(rbd.cluster)))  # type: ignore[attr-defined]
+        assert resp.capacity_bytes == 48 * MiB and resp.node_expansion_required
+        grown = rbd.node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
+            volume_id=vol.volume_id, volume_path=str(target),
+            capacity_range=pb.CapacityRange(required_bytes=48 * MiB)))
+        assert grown.capacity_bytes == 48 * MiB
+        fd = os.open(target, os.O_RDONLY)
+        assert os.lseek(fd, 0, os.SEEK_END) == 48 * MiB
+        assert os.pread(fd, 11, 5 * MiB) == b"block bytes"
+        os.close(fd)
+    finally:
+        unpublish(rbd, vol.volume_id, str(target))
+        unstage(rbd, vol.volume_id, str(staging))
+        delete(rbd, vol.volume_id)
+
+
+def test_xfs_grows_online(rbd: Driver, tmp_path: Path) -> None:
+    cap = mount_cap(fs_type="xfs")
+    vol = create(rbd, "pvc-xfs", 320 * MiB, cap=cap)
+    staging, target = tmp_path / "s", tmp_path / "t"
+    staging.mkdir()
+    rbd_stage(rbd, vol.volume_id, staging, cap)
+    publish(rbd, vol.volume_id, str(staging), str(target), cap=cap)
+    try:
+        before = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
+        rbd.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+            volume_id=vol.volume_id, capacity_range=pb.CapacityRange(required_bytes=640 * MiB),
+            secrets=secrets(rbd.cluster)))  # type: ignore[attr-defined]
+        rbd.node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
+            volume_id=vol.volume_id, volume_path=str(target),
+            capacity_range=pb.CapacityRange(required_bytes=640 * MiB)))
+        after = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
+        assert after > before + 250 * MiB
+        stats = rbd.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
+            volume_id=vol.volume_id, volume_path=str(target)))
+        assert not stats.volume_condition.abnormal
+    finally:
+        unpublish(rbd, vol.volume_id, str(target))
+        unstage(rbd, vol.volume_id, str(staging))
+        delete(rbd, vol.volume_id)
+
+
+def test_delete_refused_while_attached(rbd: Driver, tmp_path: Path) -> None:
+    vol = create(rbd, "pvc-busy", 16 * MiB)
+    staging = tmp_path / "s"
+    staging.mkdir()
+    rbd_stage(rbd, vol.volume_id, staging)
+    try:
+        code = status_of(lambda: delete(rbd, vol.volume_id))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        unstage(rbd, vol.volume_id, str(staging))
+    delete(rbd, vol.volume_id)
+
+
+def test_clone_chains_are_flattened(rbd: Driver) -> None:
+    cluster: CephCluster = rbd.cluster  # type: ignore[attr-defined]
+    made = [create(rbd, "chain-0", 8 * MiB)]
+    for i in range(1, 6):  # maxCloneDepth is 3 for this driver
+        made.append(create(rbd, f"chain-{i}", 8 * MiB,
+                           Src(volume=Src.VolumeSource(volume_id=made[-1].volume_id))))
+    try:
+        for i, v in enumerate(made):
+            image = "csi-vol-" + v.volume_id.split(":", 1)[1]
+            depth = record(cluster, image)["depth"]
+            assert depth <= 3, f"chain-{i} is {depth} deep"
+        # Depths go 0,1,2,3 then the 4th clone is flattened back to 0 and the chain restarts.
+        depths = [record(cluster, "csi-vol-" + v.volume_id.split(":", 1)[1])["depth"]
+                  for v in made]
+        assert depths == [0, 1, 2, 3, 0, 1]
+        flat = "csi-vol-" + made[4].volume_id.split(":", 1)[1]
+        info = json.loads(cluster.rbd("info", "--format", "json", f"{cluster.pool}/{flat}"))
+        assert "parent" not in info
+    finally:
+        for v in reversed(made):
+            delete(rbd, v.volume_id)
+    assert images(cluster) == [] and trash(cluster) == []
+
+
+def test_qos_modify(rbd: Driver) -> None:
+    cluster: CephCluster = rbd.cluster  # type: ignore[attr-defined]
+    vol = create(rbd, "pvc-qos", 8 * MiB)
+    try:
+        rbd.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
+            volume_id=vol.volume_id, mutable_parameters={"rbd_qos_iops_limit": "500"},
+            secrets=secrets(cluster)))
+        image = "csi-vol-" + vol.volume_id.split(":", 1)[1]
+        value = cluster.rbd("image-meta", "get", f"{cluster.pool}/{image}",
+                            "conf_rbd_qos_iops_limit").strip()
+        assert value == "500"
+        for bad in ({"rbd_qos_iops_limit": "fast"}, {"color": "blue"}):
+            code = status_of(lambda b=bad: rbd.controller.ControllerModifyVolume(  # type: ignore[misc]
+                pb.ControllerModifyVolumeRequest(volume_id=vol.volume_id, mutable_parameters=b,
+                                                 secrets=secrets(cluster))))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        delete(rbd, vol.volume_id)
+
+
+def test_list_get_and_capacity_use_configured_credentials(rbd: Driver) -> None:
+    vols = [create(rbd, f"pvc-list-{i}", 8 * MiB) for i in range(3)]
+    snap = snapshot(rbd, "snap-list", vols[0].volume_id)
+    try:
+        listed = rbd.controller.ListVolumes(pb.ListVolumesRequest(max_entries=2))
+        rest = rbd.controller.ListVolumes(pb.ListVolumesRequest(starting_token=listed.next_token))
+        ids = {e.volume.volume_id for e in [*listed.entries, *rest.entries]}
+        assert ids == {v.volume_id for v in vols}
+        got = rbd.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(
+            volume_id=vols[1].volume_id))
+        assert got.volume.capacity_bytes == 8 * MiB
+        snaps = rbd.controller.ListSnapshots(pb.ListSnapshotsRequest(
+            source_volume_id=vols[0].volume_id)).entries
+        assert [s.snapshot.snapshot_id for s in snaps] == [snap.snapshot_id]
+        cap = rbd.controller.GetCapacity(pb.GetCapacityRequest())
+        assert cap.available_capacity > 0
+        code = status_of(lambda: snapshot(rbd, "snap-list", vols[1].volume_id))
+        assert code == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        delete_snapshot(rbd, snap.snapshot_id)
+        for v in vols:
+            delete(rbd, v.volume_id)
+
+
+def test_missing_and_wrong_credentials(rbd: Driver) -> None:
+    cluster: CephCluster = rbd.cluster  # type: ignore[attr-defined]
+    req = pb.CreateVolumeRequest(name="pvc-nokey", volume_capabilities=[mount_cap()],
+                                 secrets={"userID": "csi"})
+    # No key in the request: the configured key belongs to the same user and is used.
+    vol = rbd.controller.CreateVolume(req).volume
+    delete(rbd, vol.volume_id)
+    wrong = subprocess.run(["ceph-authtool", "--gen-print-key"], capture_output=True, text=True,
+                           check=True).stdout.strip()  # well-formed, but not csi's
+    for bad, code in ((wrong, grpc.StatusCode.PERMISSION_DENIED),
+                      ("not-a-key", grpc.StatusCode.INVALID_ARGUMENT)):
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            rbd.controller.CreateVolume(pb.CreateVolumeRequest(
+                name="pvc-badkey", volume_capabilities=[mount_cap()],
+                secrets={"userID": "csi", "userKey": bad}))
+        assert err.value.code() == code
+        assert "'csi'" in err.value.details() and bad not in err.value.details()
+        assert time.monotonic() - t0 < 15
+        assert bad not in rbd.log()
+    with pytest.raises(grpc.RpcError) as err:
+        rbd.controller.CreateVolume(pb.CreateVolumeRequest(
+            name="pvc-nouser", volume_capabilities=[mount_cap()],
+            secrets={"userID": "someone-else"}))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # no key for that user
+    assert cluster.csi_key not in rbd.log()
+
+
+def test_monitors_down_is_unavailable_quickly(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    config = rbd_config(ceph_cluster, tmp_path, timeoutSeconds=3)
+    text = config.read_text().replace(ceph_cluster.monitors, f"127.0.0.1:{dead}")
+    config.write_text(text)
+    d = start_driver(tmp_path, config)
+    try:
+        t0 = time.monotonic()
+        code = status_of(lambda: d.controller.CreateVolume(pb.CreateVolumeRequest(
+            name="x", volume_capabilities=[mount_cap()], secrets=secrets(ceph_cluster))))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - t0 < 12
+        assert d.identity.Probe(pb.ProbeRequest()).ready.value is False
+    finally:
+        assert d.stop() == 0
+
+
+def test_missing_pool_is_invalid_argument(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    d = start_driver(tmp_path, rbd_config(ceph_cluster, tmp_path, pool="no-such-pool"))
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            d.controller.CreateVolume(pb.CreateVolumeRequest(
+                name="x", volume_capabilities=[mount_cap()], secrets=secrets(ceph_cluster)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no-such-pool" in err.value.details()
+    finally:
+        assert d.stop() == 0
+
+
+def test_crash_in_create_volume_leaves_one_image(ceph_cluster: CephCluster,
+                                                 tmp_path: Path) -> None:
+    config = rbd_config(ceph_cluster, tmp_path)
+    d = start_driver(tmp_path, config, env={"BERTH_FAULTS": "create-volume"})
+    req = pb.CreateVolumeRequest(name="pvc-crash", volume_capabilities=[mount_cap()],
+                                 capacity_range=pb.CapacityRange(required_bytes=8 * MiB),
+                                 secrets=secrets(ceph_cluster))
+    with pytest.raises(grpc.RpcError):
+        d.controller.CreateVolume(req)
+    assert d.proc.wait(10) < 0
+    half = [i for i in images(ceph_cluster) if i.startswith("csi-vol-pvc-crash")]
+    assert len(half) == 1, "the crash came after the image was made"
+    d = start_driver(tmp_path, config)
+    try:
+        vol = d.controller.CreateVolume(req).volume
+        assert [i for i in images(ceph_cluster) if i.startswith("csi-vol-pvc-crash")] == half
+        assert record(ceph_cluster, half[0])["name"] == "pvc-crash"
+        d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id,
+                                                         secrets=secrets(ceph_cluster)))
+        assert not any(i.startswith("csi-vol-pvc-crash") for i in images(ceph_cluster))
+    finally:
+        assert d.stop() == 0
+
+
+def test_stage_survives_driver_restart(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    config = rbd_config(ceph_cluster, tmp_path)
+    d = start_driver(tmp_path, config)
+    d.cluster = ceph_cluster  # type: ignore[attr-defined]
+    vol = create(d, "pvc-restart", 16 * MiB)
+    staging = tmp_path / "s"
+    staging.mkdir()
+    rbd_stage(d, vol.volume_id, staging)
+    (staging / "f").write_text("kept")
+    assert d.stop() == 0
+    d = start_driver(tmp_path, config)
+    d.cluster = ceph_cluster  # type: ignore[attr-defined]
+    try:
+        rbd_stage(d, vol.volume_id, staging)  # finds the attachment instead of a second one
+        fuse_dir = tmp_path / "node" / "fuse"
+        assert len(list(fuse_dir.iterdir())) == 1
+        assert (staging / "f").read_text() == "kept"
+        unstage(d, vol.volume_id, str(staging))
+        assert list(fuse_dir.iterdir()) == []
+        delete(d, vol.volume_id)
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/bus/rbd"),
+                    reason="krbd needs the rbd kernel module, which this kernel lacks")
+def test_krbd_mounter(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    d = start_driver(tmp_path, rbd_config(ceph_cluster, tmp_path, mounter="krbd"))
+    d.cluster = ceph_cluster  # type: ignore[attr-defined]
+    try:
+        vol = create(d, "pvc-krbd", 16 * MiB)
+        staging = tmp_path / "s"
+        staging.mkdir()
+        rbd_stage(d, vol.volume_id, staging)
+        (staging / "f").write_text("krbd")
+        unstage(d, vol.volume_id, str(staging))
+        delete(d, vol.volume_id)
+    finally:
+        assert d.stop() == 0
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/module/nbd"),
+                    reason="rbd-nbd needs the nbd kernel module, which this kernel lacks")
+def test_nbd_mounter(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    d = start_driver(tmp_path, rbd_config(ceph_cluster, tmp_path, mounter="nbd"))
+    d.cluster = ceph_cluster  # type: ignore[attr-defined]
+    try:
+        vol = create(d, "pvc-nbd", 16 * MiB)
+        staging = tmp_path / "s"
+        staging.mkdir()
+        rbd_stage(d, vol.volume_id, staging)
+        (staging / "f").write_text("nbd")
+        unstage(d, vol.volume_id, str(staging))
+        delete(d, vol.volume_id)
+    finally:
+        assert d.stop() == 0
