@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
@@ -67,21 +68,25 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def write_config(workdir: str, data_path: str) -> str:
+def write_config(workdir: str, data_path: str, backends: dict[str, Any] | None = None) -> str:
+    """The driver's config: one hostPath backend `local` in `data_path`, unless `backends`."""
     path = os.path.join(workdir, "config.yaml")
+    if backends is None:
+        backends = {"local": {"type": "hostpath", "path": data_path}}
     with open(path, "w") as f:
-        yaml.safe_dump({"backends": {"local": {"type": "hostpath", "path": data_path}}}, f)
+        yaml.safe_dump({"backends": backends}, f)
     return path
 
 
-def start(workdir: str, data_path: str, source: str = REPO) -> DriverProcess:
+def start(workdir: str, data_path: str, source: str = REPO,
+          backends: dict[str, Any] | None = None) -> DriverProcess:
     """Spawn the driver and poll GetPluginInfo until it answers; time both from the spawn.
 
     `source` is the checkout whose csi_driver runs (`python -m` imports from the working dir).
     """
     sock = os.path.join(workdir, "csi.sock")
     log_path = os.path.join(workdir, "driver.log")
-    config = write_config(workdir, data_path)
+    config = write_config(workdir, data_path, backends)
     cmd = [sys.executable, "-m", "csi_driver", "--endpoint", f"unix://{sock}",
            "--node-id", "bench", "--config", config, "--log-level", "INFO"]
     with open(log_path, "wb") as log:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
+from collections.abc import Mapping
 
 from csi_driver.csi import csi_pb2 as pb
 
@@ -15,8 +16,11 @@ from .measure import Measurement
 
 
 class Ops:
-    def __init__(self, csi: Csi, workdir: str) -> None:
+    def __init__(self, csi: Csi, workdir: str, secrets: Mapping[str, str] | None = None) -> None:
         self.csi = csi
+        # Sent with every controller request that has secrets and with NodeStageVolume, as the
+        # sidecars and kubelet send a StorageClass's Secrets (empty: none, as for hostPath).
+        self.secrets = dict(secrets or {})
         self.staging_root = os.path.join(workdir, "staging")
         self.pods_root = os.path.join(workdir, "pods")
         os.makedirs(self.staging_root, exist_ok=True)
@@ -32,25 +36,29 @@ class Ops:
     # -- controller ----------------------------------------------------------------------
     def create(self, name: str, size: int, source: pb.VolumeContentSource | None = None) -> str:
         timeout = COPY_TIMEOUT_S if source is not None else DEFAULT_TIMEOUT_S
-        volume = self.csi.create_volume(create_request(name, size, source), timeout).volume
+        request = create_request(name, size, source)
+        request.secrets.update(self.secrets)
+        volume = self.csi.create_volume(request, timeout).volume
         with self._lock:
             self.volumes.add(volume.volume_id)
         return volume.volume_id
 
     def delete(self, volume_id: str) -> None:
-        self.csi.delete_volume(pb.DeleteVolumeRequest(volume_id=volume_id))
+        self.csi.delete_volume(pb.DeleteVolumeRequest(volume_id=volume_id, secrets=self.secrets))
         with self._lock:
             self.volumes.discard(volume_id)
 
     def snapshot(self, volume_id: str, name: str) -> pb.Snapshot:
-        request = pb.CreateSnapshotRequest(source_volume_id=volume_id, name=name)
+        request = pb.CreateSnapshotRequest(source_volume_id=volume_id, name=name,
+                                           secrets=self.secrets)
         snap = self.csi.create_snapshot(request, COPY_TIMEOUT_S).snapshot
         with self._lock:
             self.snapshots.add(snap.snapshot_id)
         return snap
 
     def delete_snapshot(self, snapshot_id: str) -> None:
-        self.csi.delete_snapshot(pb.DeleteSnapshotRequest(snapshot_id=snapshot_id))
+        self.csi.delete_snapshot(pb.DeleteSnapshotRequest(snapshot_id=snapshot_id,
+                                                          secrets=self.secrets))
         with self._lock:
             self.snapshots.discard(snapshot_id)
 
@@ -60,7 +68,8 @@ class Ops:
         path = os.path.join(self.staging_root, name)
         os.makedirs(path, exist_ok=True)
         self.csi.stage(pb.NodeStageVolumeRequest(
-            volume_id=volume_id, staging_target_path=path, volume_capability=mount_cap()))
+            volume_id=volume_id, staging_target_path=path, volume_capability=mount_cap(),
+            secrets=self.secrets))
         with self._lock:
             self.staged[path] = volume_id
         return path

@@ -113,6 +113,13 @@ def render(report: Report) -> str:
     lines.append(f"RSS: idle {_num(report.rss_idle_mib, 1)} MiB, "
                  f"peak {_num(report.rss_peak_mib, 1)} MiB ({report.rss_samples} samples, 20 ms), "
                  f"VmHWM {_num(report.rss_hwm_mib, 1)} MiB")
+    rbd = report.meta.get("rbd")
+    if rbd:
+        purge = rbd.get("purge_wait_s")
+        lines.append(
+            f"ceph {rbd['ceph_version'].removeprefix('ceph version ').split(' (')[0]}: up in "
+            f"{_num(rbd['cluster_start_s'].get('total'), 1)} s; trash and pool empty "
+            + ("-" if purge is None else f"{purge:.1f} s") + " after the final sweep")
     lines.append(f"driver exit status after SIGTERM: {report.driver_exit_code}")
     lines.append("status codes returned by the driver:" if report.errors else
                  "status codes returned by the driver: none but OK")

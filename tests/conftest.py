@@ -13,6 +13,7 @@ import pytest
 
 from csi_driver.csi import csi_pb2 as pb
 
+from .ceph.fixtures import ceph_cluster  # noqa: F401 - the session's Ceph, started on use
 from .harness import Driver, start_driver, write_config
 
 CLONE_NEWNS = 0x00020000
@@ -82,14 +83,3 @@ def status_of(call: object) -> grpc.StatusCode:
     except grpc.RpcError as exc:
         return exc.code()  # type: ignore[no-any-return]
     return grpc.StatusCode.OK
-
-
-@pytest.fixture(scope="session")
-def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """A real single-node Ceph (1 mon, 1 osd, cephx) on loopback for the whole session."""
-    from .ceph.cluster import start_cluster
-
-    # With a mgr: pool statistics (GetCapacity) come from it, as on any real cluster.
-    cluster = start_cluster(tmp_path_factory.mktemp("ceph") / "cluster", mgr=True)
-    yield cluster
-    cluster.stop()

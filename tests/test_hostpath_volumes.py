@@ -121,9 +121,11 @@ def test_detached_loop_device_is_an_abnormal_condition(hp: Driver, tmp_path: Pat
         assert stats.volume_condition.abnormal
         assert "loop device" in stats.volume_condition.message
     finally:
+        # A broken volume is still cleaned up: no mount may stay behind.
         unpublish(hp, vol.volume_id, str(target))
         unstage(hp, vol.volume_id, str(staging))
         delete(hp, vol.volume_id)
+    assert not mounted_at(target) and not mounted_at(staging / "device")
 
 
 # -- filesystem images: size enforced ------------------------------------------------------------

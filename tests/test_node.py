@@ -303,24 +303,6 @@ def test_unstage_of_unknown_volume_is_not_found(driver: Driver, paths: tuple[str
 
 
 @needs_root
-def test_unstage_and_unpublish_leave_other_volumes_alone(
-        driver: Driver, volume: pb.Volume, paths: tuple[str, str], name: str) -> None:
-    staging, target = paths
-    other = driver.controller.CreateVolume(pb.CreateVolumeRequest(
-        name=name + "-b", volume_capabilities=[mount_cap()])).volume
-    stage(driver, volume.volume_id, staging)
-    try:
-        publish(driver, volume.volume_id, staging, target)
-        unstage(driver, other.volume_id, staging)  # not staged there: OK, and nothing undone
-        unpublish(driver, other.volume_id, target)
-        assert mounted_at(staging) and mounted_at(target)
-        unpublish(driver, volume.volume_id, target)
-    finally:
-        unstage(driver, volume.volume_id, staging)
-        driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=other.volume_id))
-
-
-@needs_root
 @pytest.mark.parametrize("mode", [Mode.SINGLE_NODE_SINGLE_WRITER, Mode.SINGLE_NODE_WRITER])
 def test_single_writer_modes_allow_one_writer(driver: Driver, volume: pb.Volume,
                                               paths: tuple[str, str], tmp_path: Path,

@@ -60,17 +60,20 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.NotFound(f"volume {volume_id!r} is not a volume of this driver")
         return found
 
-    def _shows(self, volume_id: str, path: str) -> bool | None:
-        """Whether `path` is a mount of `volume_id` (None: nothing is mounted there).
+    def _mounted(self, volume_id: str, path: str) -> bool:
+        """Whether something is mounted at `path`; NOT_FOUND when nothing is and the volume does
+        not exist, as the spec's tables ask.
 
-        NOT_FOUND when nothing is mounted and the volume does not exist, as the spec's tables ask.
+        Whatever is mounted there is undone even when it no longer shows the volume (its loop
+        device detached, say): kubelet's staging and target paths are the volume's own, and a
+        mount left behind would keep the pod from ever terminating.
         """
+        if mounts.mount_at(path) is not None:
+            return True
         found = self.driver.backend_for_id(volume_id)
-        if mounts.mount_at(path) is None:
-            if found is None or not found[1].known_on_node(found[0].local):
-                raise errors.NotFound(f"volume {volume_id!r} does not exist")
-            return None
-        return found is not None and found[1].owns_mount(found[0].local, path)
+        if found is None or not found[1].known_on_node(found[0].local):
+            raise errors.NotFound(f"volume {volume_id!r} does not exist")
+        return False
 
     def NodeStageVolume(self, request: pb.NodeStageVolumeRequest, context: grpc.ServicerContext
                         ) -> pb.NodeStageVolumeResponse:
@@ -91,9 +94,8 @@ class NodeService(pb_grpc.NodeServicer):
         _require(request.staging_target_path, "staging_target_path")
         parsed, backend = self._volume(request.volume_id)
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            # Another volume's mount there is not ours to undo: the spec says reply OK.
-            if self._shows(request.volume_id, request.staging_target_path) is not False:
-                backend.unstage(parsed.local, request.staging_target_path)
+            self._mounted(request.volume_id, request.staging_target_path)
+            backend.unstage(parsed.local, request.staging_target_path)
         return pb.NodeUnstageVolumeResponse()
 
     def NodePublishVolume(self, request: pb.NodePublishVolumeRequest,
@@ -146,10 +148,7 @@ class NodeService(pb_grpc.NodeServicer):
         _require(request.volume_id, "volume_id")
         _require(request.target_path, "target_path")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            shows = self._shows(request.volume_id, request.target_path)
-            if shows is False:
-                return pb.NodeUnpublishVolumeResponse()  # another volume's: leave it alone
-            if shows:
+            if self._mounted(request.volume_id, request.target_path):
                 mounts.unmount(request.target_path)
             _remove(request.target_path)  # we created it at publish: removing it is ours too
         return pb.NodeUnpublishVolumeResponse()

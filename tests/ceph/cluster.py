@@ -4,14 +4,18 @@ One monitor, one OSD (BlueStore in a sparse file) and, only when asked, one mana
 no manager. cephx is on, every daemon binds 127.0.0.1 only, and every path the cluster uses
 (config, keyrings, data, run dir, logs, pid files, daemon admin sockets) is under one directory.
 
-The daemons run in the foreground as children of this process (so `stop()` can wait for them);
-their pids are also written to `run/pids` so `kill_leftovers()` can end a cluster whose owner
-died. Every `ceph`/`rbd` command gets a connect timeout and a subprocess timeout, and start-up has
-an overall deadline: nothing here can hang for ever.
+The daemons run in the foreground as children of this process (so `stop()` can wait for them),
+in their own session (a Ctrl-C reaches the tests, which then stop them in order), and they get
+SIGTERM if the thread that started them dies. Their pids are also written to `run/pids`, so
+`kill_leftovers()` can end a cluster whose owner died some other way.
+
+Every `ceph`/`rbd` command gets a connect timeout and a subprocess timeout, and start-up has an
+overall deadline: nothing here can hang for ever.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
@@ -119,6 +123,15 @@ def _run(argv: list[str], timeout: float) -> str:
     return done.stdout.decode(errors="replace")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the thread that started us ends, so a test
+    run that is killed outright leaves no daemon behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _tail(path: Path, lines: int) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -184,6 +197,14 @@ class CephCluster:
             timeout,
         )
 
+    def admin_key(self) -> str:
+        """client.admin's secret key, read from the admin keyring."""
+        for line in self.admin_keyring.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if name.strip() == "key":
+                return value.strip()
+        raise CephError(f"no key in {self.admin_keyring}")
+
     def client_conf(self, key: str | None = None, timeout: int = 10) -> dict[str, str]:
         """Options for `rados.Rados(rados_id=csi_user, conf=...)` without any conf file: the
         monitors, the key (csi's unless given) and bounded timeouts (seconds)."""
@@ -213,7 +234,7 @@ class CephCluster:
         with (self.base / "log" / f"{name}.out").open("ab") as out:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=_clean_env(), start_new_session=True,
+                env=_clean_env(), start_new_session=True, preexec_fn=_die_with_parent,
             )
         self._daemons[name] = proc
         with (self.base / "run" / "pids").open("a") as pids:
@@ -271,8 +292,10 @@ def kill_leftovers(base: Path, grace: float = 20.0) -> list[int]:
     return killed
 
 
-def _config(base: Path, fsid: str, monitors: str, osd_size_gib: int) -> str:
+def _config(base: Path, fsid: str, monitors: str, osd_size_gib: int, mgr: bool) -> str:
     run, log = base / "run", base / "log"
+    # Without a mgr the mon turns HEALTH_WARN ("no active mgr") 120 s after its mkfs: not here.
+    mgr_grace = "" if mgr else "mon mgr mkfs grace = 315360000\n"
     # Admin sockets only for the daemons, and only where the path fits a unix socket.
     asok = f"{run}/$cluster-$name.asok"
     daemon_asok = asok if len(str(run)) + len("/ceph-osd.0.asok") <= _SUN_PATH_MAX else ""
@@ -313,7 +336,7 @@ paxos propose interval = 0.1
 mon data avail warn = 2
 mon data avail crit = 1
 mgr initial modules = iostat
-
+{mgr_grace}
 [mon]
 mon data = {base}/mon/$cluster-$id
 mon cluster log file = {log}/$cluster.log
@@ -322,6 +345,8 @@ admin socket = {daemon_asok}
 
 [mgr]
 mgr data = {base}/mgr/$cluster-$id
+# Usage statistics (ceph df, pool stats) a second after a write instead of 5 s.
+mgr stats period = 1
 keyring = {base}/mgr/$cluster-$id/keyring
 log file = {log}/$cluster-$name.log
 admin socket = {daemon_asok}
@@ -433,7 +458,8 @@ def _bootstrap(cluster: CephCluster, osd_size_gib: int, left: Any, step: Any) ->
     base, conf = cluster.base, str(cluster.conf)
     for sub in ("run", "log", f"mon/ceph-{MON_ID}", f"osd/ceph-{OSD_ID}"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    cluster.conf.write_text(_config(base, cluster.fsid, cluster.monitors, osd_size_gib))
+    cluster.conf.write_text(
+        _config(base, cluster.fsid, cluster.monitors, osd_size_gib, cluster.mgr))
 
     # Keys: the monitor's keyring also holds client.admin, so the mon knows the admin.
     mon_keyring = base / "mon.keyring"
@@ -511,7 +537,14 @@ def _bootstrap(cluster: CephCluster, osd_size_gib: int, left: Any, step: Any) ->
     step("csi user")
 
     if cluster.mgr:
-        _wait("HEALTH_OK",
-              lambda: cluster.ceph_json("health", timeout=min(left(), 10))["status"]
-              == "HEALTH_OK", left, f"mgr.{MGR_ID}", cluster)
-        step("health ok")
+        def stats_ready() -> bool:
+            # The mgr knows every PG, all active (so pool statistics exist), and health is OK.
+            pgs = cluster.ceph_json("pg", "stat", timeout=min(left(), 10))["pg_summary"]
+            states = pgs["num_pg_by_state"]
+            return bool(
+                pgs["num_pgs"] > 0
+                and all("active" in s["name"].split("+") for s in states)
+                and cluster.ceph_json("health", timeout=min(left(), 10))["status"] == "HEALTH_OK")
+
+        _wait("the mgr's PG statistics and HEALTH_OK", stats_ready, left, f"mgr.{MGR_ID}", cluster)
+        step("mgr stats, health ok")

@@ -103,20 +103,24 @@ class RbdBackend(Backend):
         def create(ctx: Any) -> ImageRecord:
             import rbd
 
-            found = images.read(ctx, image)
-            if isinstance(found, ImageRecord):
-                return found
-            if found is False:  # a crashed attempt: start again
-                self._discard(ctx, creds, image)
             bits = images.features(rbd.RBD(), feature_names)
             rec = ImageRecord(image=image, name=request.name, size=request.size,
                               parameters=dict(request.parameters),
                               block=any(c.block for c in request.capabilities))
-            if request.source is None:
-                rec.size = _round(request.size, request.limit)
-                rbd.RBD().create(ctx, image, rec.size, old_format=False, features=bits)
-            else:
-                self._clone_from(ctx, request, rec, bits)
+            for _ in range(2):
+                try:  # the common case first: a new name, no read before the create
+                    if request.source is None:
+                        rec.size = _round(request.size, request.limit)
+                        rbd.RBD().create(ctx, image, rec.size, old_format=False, features=bits)
+                    else:
+                        self._clone_from(ctx, request, rec, bits)
+                    break
+                except rbd.ImageExists:
+                    found = images.read(ctx, image)
+                    if isinstance(found, ImageRecord):
+                        return found  # a retry of a create that completed
+                    if found is False:  # a crashed attempt: start again
+                        self._discard(ctx, creds, image)
             faults.point("create-volume")
             if request.source is not None:
                 with rbd.Image(ctx, image) as img:
@@ -166,7 +170,8 @@ class RbdBackend(Backend):
         creds = self._creds(secrets)
 
         def delete(ctx: Any) -> None:
-            busy = images.watchers(ctx, image)
+            # Our own client's watches (the purger detaching a clone) are not an attachment.
+            busy = images.watchers(ctx, image, ignore=self.cluster.instance_ids())
             if busy:
                 raise errors.FailedPrecondition(
                     f"image {image} is still attached by {', '.join(busy)}; unstage it first")

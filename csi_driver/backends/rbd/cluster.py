@@ -137,6 +137,11 @@ class Cluster:
                 self._handles.popitem(last=False)[1].shutdown()
         return fresh
 
+    def instance_ids(self) -> set[int]:
+        """The RADOS client IDs of our own connections."""
+        with self._lock:
+            return {int(h.get_instance_id()) for h in self._handles.values()}
+
     def forget(self, creds: Credentials) -> None:
         slot = hashlib.sha256(f"{creds.user}\0{creds.key}".encode()).hexdigest()
         with self._lock:

@@ -109,12 +109,13 @@ def clone(ctx: Any, parent: str, parent_snap: str, child: str, feature_bits: int
     rbd.RBD().clone(ctx, parent, parent_snap, ctx, child, features=feature_bits)
 
 
-def watchers(ctx: Any, image: str) -> list[str]:
+def watchers(ctx: Any, image: str, ignore: set[int]) -> list[str]:
+    """Addresses of the clients that have `image` open, except the client IDs in `ignore`."""
     import rbd
 
     try:
         with rbd.Image(ctx, image, read_only=True) as img:
-            return [w["addr"] for w in img.watchers_list()]
+            return [w["addr"] for w in img.watchers_list() if int(w["id"]) not in ignore]
     except rbd.ImageNotFound:
         return []
 
