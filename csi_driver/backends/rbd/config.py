@@ -36,7 +36,8 @@ class RbdConfig(BackendConfig):
     monitors: list[str] = field(default_factory=list, metadata={"convert": _monitors})
     cephConf: str = field(default="", metadata={"convert": _path})
     radosNamespace: str = ""
-    imageFeatures: str = "layering,exclusive-lock,object-map,fast-diff,deep-flatten"
+    # Only layering by default, as ceph-csi: every krbd version maps it; add more per pool.
+    imageFeatures: str = "layering"
     fsType: Literal["ext4", "xfs"] = "ext4"
     mounter: Literal["krbd", "nbd", "fuse"] = "krbd"
     # Clone chains longer than this are flattened, so reads never walk a deep ancestry.
