@@ -410,34 +410,26 @@ def test_stage_survives_driver_restart(ceph_cluster: CephCluster, tmp_path: Path
         assert d.stop() == 0
 
 
-@pytest.mark.skipif(not os.path.isdir("/sys/bus/rbd"),
-                    reason="krbd needs the rbd kernel module, which this kernel lacks")
-def test_krbd_mounter(ceph_cluster: CephCluster, tmp_path: Path) -> None:
-    d = start_driver(tmp_path, rbd_config(ceph_cluster, tmp_path, mounter="krbd"))
+@pytest.mark.parametrize("mounter", [
+    pytest.param("krbd", marks=pytest.mark.skipif(
+        not os.path.isdir("/sys/bus/rbd"),
+        reason="krbd needs the rbd kernel module, which this kernel lacks")),
+    pytest.param("nbd", marks=pytest.mark.skipif(
+        not os.path.exists("/sys/module/nbd"),
+        reason="rbd-nbd needs the nbd kernel module, which this kernel lacks")),
+])
+def test_kernel_mounters(ceph_cluster: CephCluster, tmp_path: Path, mounter: str) -> None:
+    d = start_driver(tmp_path, rbd_config(ceph_cluster, tmp_path, mounter=mounter))
     d.cluster = ceph_cluster  # type: ignore[attr-defined]
     try:
-        vol = create(d, "pvc-krbd", 16 * MiB)
+        vol = create(d, f"pvc-{mounter}", 16 * MiB)
         staging = tmp_path / "s"
         staging.mkdir()
         rbd_stage(d, vol.volume_id, staging)
-        (staging / "f").write_text("krbd")
+        (staging / "f").write_text(mounter)
         unstage(d, vol.volume_id, str(staging))
-        delete(d, vol.volume_id)
-    finally:
-        assert d.stop() == 0
-
-
-@pytest.mark.skipif(not os.path.exists("/sys/module/nbd"),
-                    reason="rbd-nbd needs the nbd kernel module, which this kernel lacks")
-def test_nbd_mounter(ceph_cluster: CephCluster, tmp_path: Path) -> None:
-    d = start_driver(tmp_path, rbd_config(ceph_cluster, tmp_path, mounter="nbd"))
-    d.cluster = ceph_cluster  # type: ignore[attr-defined]
-    try:
-        vol = create(d, "pvc-nbd", 16 * MiB)
-        staging = tmp_path / "s"
-        staging.mkdir()
         rbd_stage(d, vol.volume_id, staging)
-        (staging / "f").write_text("nbd")
+        assert (staging / "f").read_text() == mounter
         unstage(d, vol.volume_id, str(staging))
         delete(d, vol.volume_id)
     finally:
