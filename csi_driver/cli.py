@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not NODE_ID_RE.match(args.node_id or ""):
+    if not NODE_ID_RE.fullmatch(args.node_id or ""):
         print(f"csi-driver: --node-id {args.node_id!r} must be 1-63 letters, digits, '.', '-' "
               "or '_', starting and ending with a letter or digit (it is a topology value)",
               file=sys.stderr)

@@ -25,7 +25,7 @@ class ConfigError(Exception):
 
 
 def _driver_name(value: object) -> str:
-    if not isinstance(value, str) or not _DRIVER_NAME_RE.match(value):
+    if not isinstance(value, str) or not _DRIVER_NAME_RE.fullmatch(value):
         raise ValueError(
             "must be at most 63 characters of lowercase letters, digits, '.' and '-', "
             "starting and ending with a letter or digit"
@@ -70,7 +70,7 @@ def parse_settings(data: Any, source: str = "config") -> Settings:
     backends: dict[str, BackendConfig] = {}
     for name, raw in top.backends.items():
         where = f"backends.{name}"
-        if not isinstance(name, str) or not BACKEND_NAME_RE.match(name):
+        if not isinstance(name, str) or not BACKEND_NAME_RE.fullmatch(name):
             raise ConfigError(
                 f"{source}: {where}: backend names must be lowercase letters, digits and '-' "
                 "(at most 63), because they become part of volume IDs"

@@ -33,7 +33,7 @@ def parse(raw: str) -> ObjectId | None:
     if not raw or len(raw.encode()) > MAX_ID_BYTES:
         return None
     backend, sep, local = raw.partition(":")
-    if not sep or not BACKEND_NAME_RE.match(backend) or not _LOCAL_RE.match(local):
+    if not sep or not BACKEND_NAME_RE.fullmatch(backend) or not _LOCAL_RE.fullmatch(local):
         return None
     return ObjectId(backend, local)
 

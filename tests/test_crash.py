@@ -7,6 +7,7 @@ The driver kills itself with SIGKILL at a named point when BERTH_FAULTS names it
 from __future__ import annotations
 
 import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -186,5 +187,30 @@ def test_delete_after_crashed_stage_detaches_and_refuses_while_staged(tmp_path: 
         assert loops_of(image) == []
         assert_clean(tmp_path)
         assert list((tmp_path / "data" / "volumes").iterdir()) == []
+    finally:
+        assert d.stop() == 0
+
+
+def test_crash_while_frozen_thaws_at_restart(tmp_path: Path) -> None:
+    """A group snapshot freezes its image volumes; a kill then must not leave them frozen."""
+    d = start_driver(tmp_path, config(tmp_path))
+    vol = d.controller.CreateVolume(pb.CreateVolumeRequest(
+        name="frozen", volume_capabilities=[mount_cap()], parameters={"layout": "image"},
+        capacity_range=pb.CapacityRange(required_bytes=16 * MiB))).volume
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    stage(d, vol.volume_id, str(staging))
+    assert d.stop() == 0
+    req = pb.CreateVolumeGroupSnapshotRequest(name="g", source_volume_ids=[vol.volume_id])
+    crash_during(tmp_path, "create-snapshot",
+                 lambda d: pb_grpc.GroupControllerStub(d.channel).CreateVolumeGroupSnapshot(req))
+    d = start_driver(tmp_path, config(tmp_path))
+    try:
+        write = subprocess.run(  # a frozen filesystem would block this write for good
+            ["sh", "-c", f"echo alive > {staging}/after && sync"], timeout=20, check=True)
+        assert write.returncode == 0 and (staging / "after").read_text() == "alive\n"
+        group = pb_grpc.GroupControllerStub(d.channel).CreateVolumeGroupSnapshot(req)
+        assert len(group.group_snapshot.snapshots) == 1
+        unstage(d, vol.volume_id, str(staging))
     finally:
         assert d.stop() == 0

@@ -339,3 +339,32 @@ def test_create_with_mutable_parameters(hp: Driver) -> None:
     code = status_of(lambda: hp.controller.CreateVolume(pb.CreateVolumeRequest(
         name="born-bad", volume_capabilities=[mount_cap()], mutable_parameters={"x": "1"})))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("layout", ["directory", "image"])
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_user_files_named_like_ours_are_left_alone(hp: Driver, tmp_path: Path, layout: str,
+                                                   kind: str) -> None:
+    """`device` is where a block stage puts its device node; in a filesystem it is the user's,
+    and a symlink planted there must not make the driver unmount what it points at."""
+    vol = make(hp, f"named-device-{layout}-{kind}", 16 * MiB, mount_cap(), layout=layout)
+    staging, elsewhere = tmp_path / "s", tmp_path / "elsewhere"
+    staging.mkdir()
+    elsewhere.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(elsewhere)], check=True)
+    try:
+        stage(hp, vol.volume_id, str(staging))
+        if kind == "file":
+            (staging / "device").write_text("mine")
+        else:
+            os.symlink(str(elsewhere), staging / "device")
+        unstage(hp, vol.volume_id, str(staging))
+        assert mounted_at(elsewhere), "a planted symlink made the driver unmount something else"
+        stage(hp, vol.volume_id, str(staging))
+        assert os.path.lexists(staging / "device")
+        if kind == "file":
+            assert (staging / "device").read_text() == "mine"
+        unstage(hp, vol.volume_id, str(staging))
+    finally:
+        subprocess.run(["umount", str(elsewhere)], check=False)
+        delete(hp, vol.volume_id)

@@ -6,6 +6,7 @@ krbd and rbd-nbd need kernel modules this machine does not have; their tests say
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -310,8 +311,10 @@ def test_missing_and_wrong_credentials(rbd: Driver) -> None:
     delete(rbd, vol.volume_id)
     wrong = subprocess.run(["ceph-authtool", "--gen-print-key"], capture_output=True, text=True,
                            check=True).stdout.strip()  # well-formed, but not csi's
+    not_cephx = base64.b64encode(b"\0" * 28).decode()  # base64, but not a cephx key
     for bad, code in ((wrong, grpc.StatusCode.PERMISSION_DENIED),
-                      ("not-a-key", grpc.StatusCode.INVALID_ARGUMENT)):
+                      ("not-a-key", grpc.StatusCode.INVALID_ARGUMENT),
+                      (not_cephx, grpc.StatusCode.INVALID_ARGUMENT)):
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             rbd.controller.CreateVolume(pb.CreateVolumeRequest(
@@ -326,6 +329,11 @@ def test_missing_and_wrong_credentials(rbd: Driver) -> None:
             name="pvc-nouser", volume_capabilities=[mount_cap()],
             secrets={"userID": "someone-else"}))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # no key for that user
+    with pytest.raises(grpc.RpcError) as err:  # would reach CEPH_ARGS on a node
+        rbd.controller.CreateVolume(pb.CreateVolumeRequest(
+            name="pvc-inject", volume_capabilities=[mount_cap()],
+            secrets={"userID": "csi --log-file /tmp/x", "userKey": cluster.csi_key}))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert cluster.csi_key not in rbd.log()
 
 

@@ -33,15 +33,24 @@ def stage_filesystem(device: str, staging: str, default_fs: str, cap: Capability
                      read_only: bool) -> None:
     found = filesystems.detect(device)
     if not found:
+        if read_only:
+            raise errors.FailedPrecondition(
+                "the volume holds no filesystem yet and is staged read-only: stage it for "
+                "writing once first")
         filesystems.make(device, cap.fs_type or default_fs)
         found = cap.fs_type or default_fs
     elif cap.fs_type and cap.fs_type != found:
         raise errors.InvalidArgument(
             f"the volume holds a {found} filesystem; {cap.fs_type} was requested"
         )
-    if found == "ext4" and filesystems.ext4_size(device) < device_size(device):
+    if found not in filesystems.SUPPORTED:  # what the volume's content claims: trust no more
+        raise errors.FailedPrecondition(f"the volume holds {found!r}, not a supported filesystem")
+    if (not read_only and found == "ext4"
+            and filesystems.ext4_size(device) < device_size(device)):
         filesystems.grow_offline(device, found)  # restored or expanded while unstaged
     flags, data = mounts.split_options(cap.mount_flags, read_only)
+    if read_only:  # a read-only mount must not replay a journal other readers see changing
+        data.append("noload" if found == "ext4" else "norecovery")
     if not os.path.isdir(staging):
         os.mkdir(staging, 0o750)
     mounts.mount_fs(device, staging, found, flags, data)
@@ -55,12 +64,17 @@ def stage_block(device: str, staging: str, read_only: bool) -> None:
 
 
 def unstage(staging: str) -> None:
-    """Unmount what stage_filesystem/stage_block put at `staging` (the device stays attached)."""
+    """Unmount what stage_filesystem/stage_block put at `staging` (the device stays attached).
+
+    <staging>/device is ours only when staging itself is no mount (a block stage): inside a
+    mounted filesystem it is the user's file and must not be touched.
+    """
+    if mounts.unmount(staging):
+        return
     device_file = block_target(staging)
     if os.path.lexists(device_file):
         mounts.unmount(device_file)
         os.unlink(device_file)
-    mounts.unmount(staging)
 
 
 def shows_device(path: str, devices: list[str], block: bool) -> bool:

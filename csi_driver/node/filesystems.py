@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from ..errors import Internal, InvalidArgument
+from ..errors import Aborted, Internal, InvalidArgument
 from .commands import run
 
 SUPPORTED = ("ext4", "xfs")
@@ -61,8 +61,18 @@ def ext4_size(device: str) -> int:
 
 
 def freeze(mount_point: str) -> None:
-    run("fsfreeze", "--freeze", mount_point)
+    done = subprocess.run(["fsfreeze", "--freeze", mount_point], capture_output=True, text=True,
+                          timeout=60, check=False)
+    if done.returncode != 0:
+        if "busy" in done.stderr.lower():  # frozen already: another copy of it is running
+            raise Aborted(f"{mount_point} is being snapshotted by another operation; retry")
+        raise Internal(f"fsfreeze {mount_point} failed: {done.stderr.strip()}")
 
 
-def thaw(mount_point: str) -> None:
-    run("fsfreeze", "--unfreeze", mount_point)
+def thaw(mount_point: str, must: bool = True) -> None:
+    """Unfreeze; with must=False a filesystem that was not frozen is fine (start-up cleanup)."""
+    if must:
+        run("fsfreeze", "--unfreeze", mount_point)
+    else:
+        subprocess.run(["fsfreeze", "--unfreeze", mount_point], capture_output=True,
+                       timeout=60, check=False)

@@ -24,6 +24,7 @@ MS_BIND = 0x1000
 MS_RELATIME = 0x200000
 MS_STRICTATIME = 0x1000000
 MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8  # never follow a symlink a pod may have planted at a path we unmount
 
 # Per-mount-point flags that a bind mount can carry; anything else is filesystem data that a bind
 # mount cannot apply, so it is refused instead of being silently ignored.
@@ -187,7 +188,7 @@ def unmount(target: str) -> bool:
     """Unmount every mount stacked on `target`; False when nothing was mounted there."""
     did = False
     while True:
-        if _libc.umount2(os.fsencode(target), 0) == 0:
+        if _libc.umount2(os.fsencode(target), UMOUNT_NOFOLLOW) == 0:
             did = True
             continue
         err = ctypes.get_errno()

@@ -143,7 +143,9 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
                 f"backend {backend_name!r} stores volumes on node {self.driver.node.node_id!r}, "
                 "which the accessibility requirements exclude"
             )
-        with self.driver.locks.hold(f"name:{request.name}"):
+        # The source is held too: deleting it while it is being copied must wait (ABORTED).
+        source_key = (f"id:{backend_name}:{source.local_id}" if source is not None else "")
+        with self.driver.locks.hold(f"name:{request.name}", source_key):
             volume = backend.create_volume(VolumeRequest(
                 name=request.name, size=size, capabilities=tuple(caps), parameters=parameters,
                 source=source, mutable_parameters=dict(request.mutable_parameters),

@@ -81,6 +81,12 @@ class Attacher:
             return Condition(True, f"{volume_path} no longer shows the volume")
         return Condition(False, "")
 
+    def thaw_leftover(self, local_id: str, rec: Record) -> None:
+        if rec.layout == IMAGE:
+            mount_point = devices.mount_point_of(loop.attached(self._image(local_id)))
+            if mount_point is not None:
+                filesystems.thaw(mount_point, must=False)
+
     @contextlib.contextmanager
     def frozen(self, local_id: str, rec: Record) -> Iterator[None]:
         """Hold writes to a mounted image volume still while its blocks are copied."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import threading
@@ -62,10 +63,20 @@ class HostPathBackend(Backend):
         self.attacher = Attacher(self.store)
         self._sizes: dict[str, int] = {}
         self._sizes_lock = threading.Lock()
+        self._start_lock = threading.Lock()
         self._ready = False
 
     # -- identity ------------------------------------------------------------------------
     def probe(self) -> None:
+        if not self._ready:
+            with self._start_lock:  # two first RPCs must not both purge .tmp under each other
+                self._start()
+        if not os.access(self.store.volumes, os.W_OK):
+            raise errors.Unavailable(
+                f"hostpath backend {self.name!r}: {self.store.volumes} is not writable"
+            )
+
+    def _start(self) -> None:
         if not self._ready:
             try:
                 self.store.prepare()
@@ -75,11 +86,10 @@ class HostPathBackend(Backend):
                 ) from exc
             with self._sizes_lock:
                 self._sizes = {i: r.size for i, r in self._records(self.store.volumes)}
+            # A kill during a snapshot copy leaves the source frozen: writers would hang forever.
+            for local_id, rec in self._records(self.store.volumes):
+                self.attacher.thaw_leftover(local_id, rec)
             self._ready = True
-        if not os.access(self.store.volumes, os.W_OK):
-            raise errors.Unavailable(
-                f"hostpath backend {self.name!r}: {self.store.volumes} is not writable"
-            )
 
     # -- records <-> interface types -------------------------------------------------------
     def _records(self, kind_dir: str) -> Iterator[tuple[str, Record]]:
@@ -121,12 +131,29 @@ class HostPathBackend(Backend):
         st = os.statvfs(self.store.volumes)
         return st.f_bavail * st.f_frsize
 
-    def _reserve(self, local_id: str, size: int, current: int = 0) -> None:
-        if size - current > self._available():
-            raise errors.ResourceExhausted(
-                f"hostpath backend {self.name!r} has {self._available()} bytes left; "
-                f"{size - current} more requested"
-            )
+    def _reserve(self, local_id: str, size: int) -> int:
+        """Book `size` bytes for the volume (check and book in one step, so concurrent creates
+        cannot overcommit); returns what was booked before, to give back on failure."""
+        with self._sizes_lock:
+            before = self._sizes.get(local_id, 0)
+            if self.config.capacity is not None:
+                left = self.config.capacity - sum(self._sizes.values())
+            else:
+                st = os.statvfs(self.store.volumes)
+                left = st.f_bavail * st.f_frsize
+            if size - before > left:
+                raise errors.ResourceExhausted(
+                    f"hostpath backend {self.name!r} has {max(0, left)} bytes left; "
+                    f"{size - before} more requested")
+            self._sizes[local_id] = size
+            return before
+
+    def _unreserve(self, local_id: str, before: int) -> None:
+        with self._sizes_lock:
+            if before:
+                self._sizes[local_id] = before
+            else:
+                self._sizes.pop(local_id, None)
 
     def capacity(self, parameters: Mapping[str, str]) -> Capacity:
         self.probe()
@@ -195,7 +222,7 @@ class HostPathBackend(Backend):
             fs_type = source.fs_type
             size = max(size, source.size)
         size = self._sized(layout, fs_type, size, request.limit)
-        self._reserve(local_id, size)
+        before = self._reserve(local_id, size)
         rec = Record(name=request.name, size=size, layout=layout, fs_type=fs_type,
                      parameters=dict(request.parameters), mutable=dict(request.mutable_parameters))
         scratch = self.store.scratch(local_id)
@@ -211,13 +238,14 @@ class HostPathBackend(Backend):
             else:
                 os.truncate(os.path.join(scratch, IMAGE_FILE), size)
             self.store.commit(scratch, self.store.volumes, local_id, rec, "create-volume")
-        except OSError as exc:
-            raise errors.Internal(f"could not create volume: {exc.strerror}") from exc
+        except BaseException as exc:
+            self._unreserve(local_id, before)
+            if isinstance(exc, OSError):
+                raise _os_error("could not create the volume", exc) from exc
+            raise
         finally:
             if os.path.lexists(scratch):  # not committed: an error came first
                 shutil.rmtree(scratch, ignore_errors=True)
-        with self._sizes_lock:
-            self._sizes[local_id] = size
         return self._volume(local_id, rec)
 
     def _copy_payload(self, kind_dir: str, local_id: str, rec: Record, scratch: str,
@@ -280,13 +308,15 @@ class HostPathBackend(Backend):
         size = self._sized(rec.layout, rec.fs_type, size, 0)
         if size <= rec.size:
             return rec.size, False
-        self._reserve(local_id, size, rec.size)
-        if rec.layout != DIRECTORY:
-            os.truncate(self.store.payload(self.store.volumes, local_id, rec), size)
-        rec.size = size
-        self.store.write_meta(self.store.path(self.store.volumes, local_id), rec)
-        with self._sizes_lock:
-            self._sizes[local_id] = size
+        before = self._reserve(local_id, size)
+        try:
+            if rec.layout != DIRECTORY:
+                os.truncate(self.store.payload(self.store.volumes, local_id, rec), size)
+            rec.size = size
+            self.store.write_meta(self.store.path(self.store.volumes, local_id), rec)
+        except OSError as exc:
+            self._unreserve(local_id, before)
+            raise _os_error("could not grow the volume", exc) from exc
         return size, rec.layout != DIRECTORY
 
     @staticmethod
@@ -391,10 +421,10 @@ class HostPathBackend(Backend):
         grec = self.store.read_group(local_id)
         if grec is None:
             return
-        # The group goes first: members left by a crash after this are purged at start.
-        self.store.discard(self.store.groups, local_id)
+        # Members first: a crash part-way leaves the group, and a retry finishes the job.
         for member in grec.members:
             self.store.discard(self.store.snapshots, member)
+        self.store.discard(self.store.groups, local_id)
 
     def get_group_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS
                            ) -> GroupSnapshot | None:
@@ -433,3 +463,9 @@ class HostPathBackend(Backend):
     def node_condition(self, local_id: str, volume_path: str) -> Condition:
         return self.attacher.condition(local_id, self.store.read(self.store.volumes, local_id),
                                        volume_path)
+
+
+def _os_error(what: str, exc: OSError) -> errors.CsiError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.ResourceExhausted(f"{what}: the filesystem is full")
+    return errors.Internal(f"{what}: {exc.strerror}")

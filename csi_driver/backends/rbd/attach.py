@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -32,12 +33,18 @@ from .config import RbdConfig
 class Attacher:
     def __init__(self, config: RbdConfig) -> None:
         self.config = config
+        self._keys_dir = os.path.join(config.nodeStateDir, "keys")
+        self._cleaned = False
 
     # -- credentials on disk, briefly ------------------------------------------------------
     @contextlib.contextmanager
     def _files(self, creds: Credentials) -> Iterator[tuple[str, str]]:
         """(ceph.conf, keyring) in a private directory that is gone when the block ends."""
-        tmp = tempfile.mkdtemp(prefix="berth-rbd-")  # mode 0700
+        if not self._cleaned:  # keyrings a crash left behind (the block's end never came)
+            shutil.rmtree(self._keys_dir, ignore_errors=True)
+            self._cleaned = True
+        os.makedirs(self._keys_dir, 0o700, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="op-", dir=self._keys_dir)  # mode 0700
         try:
             conf = self.config.cephConf or os.path.join(tmp, "ceph.conf")
             if not self.config.cephConf:
@@ -69,7 +76,7 @@ class Attacher:
             return _krbd_devices(self.config.pool, self.config.radosNamespace, image)
         return _nbd_devices(self.config.pool, self.config.radosNamespace, image)
 
-    def attach(self, image: str, creds: Credentials) -> str:
+    def attach(self, image: str, creds: Credentials, read_only: bool = False) -> str:
         found = self.attached(image)
         if found:
             return found[0]
@@ -77,6 +84,8 @@ class Attacher:
             return self._attach_fuse(image, creds)
         with self._files(creds) as (conf, keyring):
             common = ["--id", creds.user, "--keyring", keyring, "-c", conf]
+            if read_only:  # a ReadOnlyMany volume: nothing on this node may write to it
+                common.append("--read-only")
             if self.config.mounter == "krbd":
                 return run("rbd", "device", "map", *common, self._spec(image),
                            timeout=self.config.timeoutSeconds * 3).strip()
@@ -100,6 +109,8 @@ class Attacher:
                     ["rbd-fuse", "-f", "-c", conf, "-p", self.config.pool, "-r", image, where],
                     env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, start_new_session=True)
+                # Reap it when it exits (at unstage), or it stays a zombie of the driver.
+                threading.Thread(target=proc.wait, name="rbd-fuse-reaper", daemon=True).start()
                 deadline = time.monotonic() + self.config.timeoutSeconds
                 while not os.path.exists(exposed):
                     if proc.poll() is not None or time.monotonic() > deadline:
@@ -131,7 +142,7 @@ class Attacher:
             if self.owns(image, staging):
                 return
             raise errors.AlreadyExists(f"{staging} already holds another mount")
-        device = self.attach(image, creds)
+        device = self.attach(image, creds, read_only)
         try:
             if cap.block:
                 devices.stage_block(device, staging, read_only)

@@ -57,14 +57,33 @@ class RbdBackend(Backend):
         self.cluster = Cluster(config)
         self.attacher = Attacher(config)
         self.purger = images.Purger(self.cluster.call)
-        self._swept = False
+        self._sweep_later: set[Credentials] = set()
+        self._swept: set[Credentials] = set()
 
     # -- plumbing ------------------------------------------------------------------------
     def _creds(self, secrets: Secrets) -> Credentials:
-        return credentials(self.config, secrets)
+        creds = credentials(self.config, secrets)
+        if not self.cluster.known(creds):
+            # First use of these credentials: images a crash (or a restart) left in the trash
+            # are swept with them, as request secrets may be the only credentials there are.
+            self._sweep_later.add(creds)
+        return creds
 
     def _call(self, secrets: Secrets, what: str, fn: Any) -> Any:
-        return self.cluster.call(self._creds(secrets), what, fn)
+        return self._run(self._creds(secrets), what, fn)
+
+    def _run(self, creds: Credentials, what: str, fn: Any) -> Any:
+        result = self.cluster.call(creds, what, fn)
+        self._sweep_new()
+        return result
+
+    def _sweep_new(self) -> None:
+        for creds in list(self._sweep_later - self._swept):
+            self._swept.add(creds)
+            try:
+                self.purger.sweep(creds)
+            except errors.CsiError:
+                self._swept.discard(creds)
 
     def _volume(self, local_id: str, rec: ImageRecord) -> Volume:
         kind, _, source_id = rec.source.partition(":")
@@ -90,15 +109,16 @@ class RbdBackend(Backend):
             ) from None
         if self.config.userID and self.config.userKeyFile:
             self._call(NO_SECRETS, "checking the pool", lambda ctx: None)
-            if not self._swept:  # images a crash left in the trash
-                self.purger.sweep(self._creds(NO_SECRETS))
-                self._swept = True
 
     # -- volumes -------------------------------------------------------------------------
     def create_volume(self, request: VolumeRequest) -> Volume:
         local_id = ids.local_id_for_name(request.name)
         image = VOLUME_PREFIX + local_id
         feature_names = request.parameters.get("imageFeatures", self.config.imageFeatures)
+
+        if len({c.block for c in request.capabilities}) > 1:
+            raise errors.InvalidArgument("a volume is either raw block or mounted, not both")
+        self._check_qos(request.mutable_parameters)
 
         def create(ctx: Any) -> ImageRecord:
             import rbd
@@ -121,7 +141,13 @@ class RbdBackend(Backend):
                         return found  # a retry of a create that completed
                     if found is False:  # a crashed attempt: start again
                         self._discard(ctx, creds, image)
+            else:
+                raise errors.Aborted(f"image {image} keeps appearing; another create runs?")
             faults.point("create-volume")
+            if request.mutable_parameters:  # from a VolumeAttributesClass: they win
+                with rbd.Image(ctx, image) as img:
+                    for key, value in request.mutable_parameters.items():
+                        img.metadata_set(f"conf_{key}", value)
             if request.source is not None:
                 with rbd.Image(ctx, image) as img:
                     if img.size() < rec.size:
@@ -133,7 +159,7 @@ class RbdBackend(Backend):
             return rec
 
         creds = self._creds(request.secrets)
-        rec = self.cluster.call(creds, f"creating image {image}", create)
+        rec = self._run(creds, f"creating image {image}", create)
         return self._volume(local_id, rec)
 
     def _discard(self, ctx: Any, creds: Credentials, image: str) -> None:
@@ -178,7 +204,7 @@ class RbdBackend(Backend):
             self._discard(ctx, creds, image)
             faults.point("delete-volume")
 
-        self.cluster.call(creds, f"deleting image {image}", delete)
+        self._run(creds, f"deleting image {image}", delete)
 
     def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None:
         found = self._call(secrets, "reading the volume",
@@ -204,14 +230,8 @@ class RbdBackend(Backend):
 
     def capacity(self, parameters: Mapping[str, str]) -> Capacity:
         creds = self._creds(NO_SECRETS)
-        handle = self.cluster.handle(creds)
-        try:
-            ret, out, _ = handle.mon_command(json.dumps({"prefix": "df", "format": "json"}),
-                                             b"", timeout=self.config.timeoutSeconds)
-        except Exception as exc:
-            from .cluster import translate
-
-            raise translate(exc, creds.user, "reading the pool's free space") from None
+        ret, out = self.cluster.mon_command(creds, {"prefix": "df", "format": "json"},
+                                            "reading the pool's free space")
         if ret != 0:
             raise errors.Unavailable(f"ceph df failed ({ret}); does {creds.user} have mon 'r'?")
         pools = {p["name"]: p["stats"] for p in json.loads(out)["pools"]}
@@ -241,15 +261,19 @@ class RbdBackend(Backend):
 
         return self._call(secrets, f"resizing image {image}", grow)  # type: ignore[no-any-return]
 
-    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
-                      secrets: Secrets = NO_SECRETS) -> None:
-        import rbd
-
+    @staticmethod
+    def _check_qos(mutable_parameters: Mapping[str, str]) -> None:
         for key, value in mutable_parameters.items():
             if key not in images.QOS_KEYS or not value.isdigit():
                 raise errors.InvalidArgument(
                     f"{key}={value!r}: mutable parameters are {', '.join(images.QOS_KEYS)}, "
                     "each a whole number (0 = unlimited)")
+
+    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
+                      secrets: Secrets = NO_SECRETS) -> None:
+        import rbd
+
+        self._check_qos(mutable_parameters)
         image = VOLUME_PREFIX + local_id
 
         def apply(ctx: Any) -> None:
@@ -297,13 +321,13 @@ class RbdBackend(Backend):
             return rec
 
         creds = self._creds(secrets)
-        rec = self.cluster.call(creds, f"snapshotting image {source}", take)
+        rec = self._run(creds, f"snapshotting image {source}", take)
         return self._snapshot(local_id, rec)
 
     def delete_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
         image = SNAPSHOT_PREFIX + local_id
         creds = self._creds(secrets)
-        self.cluster.call(creds, f"deleting snapshot image {image}",
+        self._run(creds, f"deleting snapshot image {image}",
                           lambda ctx: self._discard(ctx, creds, image))
 
     def get_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Snapshot | None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
+import re
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -21,6 +24,7 @@ from .config import RbdConfig
 
 T = TypeVar("T")
 MAX_CONNECTIONS = 8
+_USER_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,13 @@ def credentials(config: RbdConfig, secrets: Mapping[str, str]) -> Credentials:
             "csi.storage.k8s.io/provisioner-secret-name) or set userID and userKeyFile in the "
             "backend config"
         )
-    try:  # librados would print a key it cannot decode to stderr: check it first
-        valid = len(base64.b64decode(key, validate=True)) >= 12
-    except ValueError:
+    if not _USER_RE.fullmatch(user):  # it reaches CEPH_ARGS and keyring headers on the node
+        raise errors.InvalidArgument(f"Ceph user name {user!r} has characters a name cannot have")
+    try:  # librados prints a key it cannot decode to stderr: check its structure first
+        raw = base64.b64decode(key, validate=True)
+        # a cephx key: u16 type (1 = AES), 8 bytes creation time, u16 length (16), the secret
+        valid = len(raw) == 28 and struct.unpack_from("<HxxxxxxxxH", raw) == (1, 16)
+    except (ValueError, struct.error):
         valid = False
     if not valid:
         raise errors.InvalidArgument(
@@ -81,12 +89,22 @@ def translate(exc: Exception, user: str, what: str) -> errors.CsiError:
     return errors.Internal(f"{text} {exc}")
 
 
+class _Handle:
+    """A librados handle and how many calls use it: it is shut down only once evicted and idle,
+    never under a call (rados_shutdown frees what the call still uses)."""
+
+    def __init__(self, rados_handle: Any) -> None:
+        self.rados = rados_handle
+        self.users = 0
+        self.evicted = False
+
+
 class Cluster:
     """librados handles per credential, opened on demand and kept for reuse."""
 
     def __init__(self, config: RbdConfig) -> None:
         self.config = config
-        self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._handles: OrderedDict[str, _Handle] = OrderedDict()
         self._lock = threading.Lock()
 
     def _conf(self, creds: Credentials) -> dict[str, str]:
@@ -114,61 +132,98 @@ class Cluster:
         handle = rados.Rados(rados_id=creds.user, conffile=self.config.cephConf or None,
                              conf=self._conf(creds))
         try:
-            handle.connect(timeout=self.config.timeoutSeconds)
+            handle.connect()  # bounded by client_mount_timeout, not by connect(timeout=)
         except Exception as exc:
             handle.shutdown()
             raise translate(exc, creds.user, "connecting to the Ceph cluster") from None
         return handle
 
-    def handle(self, creds: Credentials) -> Any:
-        slot = hashlib.sha256(f"{creds.user}\0{creds.key}".encode()).hexdigest()
+    @staticmethod
+    def _slot(creds: Credentials) -> str:
+        return hashlib.sha256(f"{creds.user}\0{creds.key}".encode()).hexdigest()
+
+    def known(self, creds: Credentials) -> bool:
+        with self._lock:
+            return self._slot(creds) in self._handles
+
+    @contextlib.contextmanager
+    def _use(self, creds: Credentials) -> Iterator[Any]:
+        slot = self._slot(creds)
         with self._lock:
             found = self._handles.get(slot)
             if found is not None:
                 self._handles.move_to_end(slot)
-                return found
-        fresh = self._connect(creds)  # outside the lock: a slow monitor must not stall others
+                found.users += 1
+        if found is None:
+            fresh = _Handle(self._connect(creds))  # unlocked: a slow monitor stalls no one else
+            with self._lock:
+                found = self._handles.setdefault(slot, fresh)
+                found.users += 1
+                evicted = []
+                while len(self._handles) > MAX_CONNECTIONS:
+                    evicted.append(self._handles.popitem(last=False)[1])
+            if found is not fresh:
+                fresh.rados.shutdown()
+            for old in evicted:
+                self._retire(old)
+        try:
+            yield found.rados
+        finally:
+            with self._lock:
+                found.users -= 1
+                idle_and_gone = found.evicted and found.users == 0
+            if idle_and_gone:
+                found.rados.shutdown()
+
+    def _retire(self, handle: _Handle) -> None:
         with self._lock:
-            if slot in self._handles:
-                fresh.shutdown()
-                return self._handles[slot]
-            self._handles[slot] = fresh
-            while len(self._handles) > MAX_CONNECTIONS:
-                self._handles.popitem(last=False)[1].shutdown()
-        return fresh
+            handle.evicted = True
+            idle = handle.users == 0
+        if idle:
+            handle.rados.shutdown()
+
+    def forget(self, creds: Credentials) -> None:
+        """Drop a handle that failed (timed out, refused); calls still using it finish first."""
+        with self._lock:
+            handle = self._handles.pop(self._slot(creds), None)
+        if handle is not None:
+            self._retire(handle)
 
     def instance_ids(self) -> set[int]:
         """The RADOS client IDs of our own connections."""
         with self._lock:
-            return {int(h.get_instance_id()) for h in self._handles.values()}
+            return {int(h.rados.get_instance_id()) for h in self._handles.values()}
 
-    def forget(self, creds: Credentials) -> None:
-        slot = hashlib.sha256(f"{creds.user}\0{creds.key}".encode()).hexdigest()
-        with self._lock:
-            handle = self._handles.pop(slot, None)
-        if handle is not None:
-            handle.shutdown()
+    def mon_command(self, creds: Credentials, command: dict[str, str], what: str
+                    ) -> tuple[int, bytes]:
+        with self._use(creds) as handle:
+            try:
+                ret, out, _ = handle.mon_command(json.dumps(command), b"",
+                                                 timeout=self.config.timeoutSeconds)
+            except Exception as exc:
+                raise translate(exc, creds.user, what) from None
+        return int(ret), bytes(out)
 
     @contextlib.contextmanager
     def ioctx(self, creds: Credentials) -> Iterator[Any]:
         import rados
 
-        handle = self.handle(creds)
-        try:
-            ctx = handle.open_ioctx(self.config.pool)
-        except rados.ObjectNotFound:
-            raise errors.InvalidArgument(
-                f"pool {self.config.pool!r} does not exist in the Ceph cluster") from None
-        except Exception as exc:
-            if isinstance(exc, rados.TimedOut | rados.PermissionDeniedError):
-                self.forget(creds)
-            raise translate(exc, creds.user, f"opening pool {self.config.pool!r}") from None
-        try:
-            if self.config.radosNamespace:
-                ctx.set_namespace(self.config.radosNamespace)
-            yield ctx
-        finally:
-            ctx.close()
+        with self._use(creds) as handle:
+            try:
+                ctx = handle.open_ioctx(self.config.pool)
+            except rados.ObjectNotFound:
+                raise errors.InvalidArgument(
+                    f"pool {self.config.pool!r} does not exist in the Ceph cluster") from None
+            except Exception as exc:
+                if isinstance(exc, rados.TimedOut | rados.PermissionDeniedError):
+                    self.forget(creds)
+                raise translate(exc, creds.user, f"opening pool {self.config.pool!r}") from None
+            try:
+                if self.config.radosNamespace:
+                    ctx.set_namespace(self.config.radosNamespace)
+                yield ctx
+            finally:
+                ctx.close()
 
     def call(self, creds: Credentials, what: str, fn: Callable[[Any], T]) -> T:
         """Run `fn(ioctx)`, turning librados/librbd errors into CSI errors about `what`."""
