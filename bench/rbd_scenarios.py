@@ -18,7 +18,16 @@ from csi_driver.csi import csi_pb2 as pb
 from .csi import MiB, RpcFailure
 from .measure import Measurement, run_pool
 from .ops import Ops
-from .scenarios import _Cap, _judge, _Slot, _snapshot_ready, _teardown, _timed, _untimed
+from .scenarios import (
+    _Cap,
+    _judge,
+    _Slot,
+    _snapshot_ready,
+    _teardown,
+    _timed,
+    _untimed,
+    create_delete_at,
+)
 
 T = TypeVar("T")
 
@@ -49,22 +58,8 @@ RBD_QUICK_PLAN = RbdPlan(create_delete=20, snapshots=5, restores=5, clones=5, st
 # -- 1. create-delete ----------------------------------------------------------------------
 def create_delete(ops: Ops, plan: RbdPlan, base: bytes) -> list[Measurement]:
     """CreateVolume of N volumes at concurrency C, then DeleteVolume of each at C."""
-    size = plan.volume_mib * MiB
-    rows = []
-    for concurrency in plan.create_concurrency:
-        ids = [""] * plan.create_delete
-
-        def create(i: int, c: int = concurrency, ids: list[str] = ids) -> None:
-            ids[i] = ops.create(f"cd-c{c}-{i}", size)
-
-        rows.append(run_pool("create", concurrency, plan.create_delete, create))
-        done = [v for v in ids if v]
-
-        def delete(i: int, done: list[str] = done) -> None:
-            ops.delete(done[i])
-
-        rows.append(run_pool("delete", concurrency, len(done), delete))
-    return rows
+    return [row for c in plan.create_concurrency
+            for row in create_delete_at(ops, plan.create_delete, c, plan.volume_mib * MiB)]
 
 
 # -- 2. snapshot, restore, clone -----------------------------------------------------------

@@ -70,11 +70,13 @@ def _untimed(name: str, count: int, op: Callable[[int], None]) -> Measurement:
 
 
 # -- 1. create-delete ----------------------------------------------------------------------
-def _create_delete_at(ops: Ops, count: int, concurrency: int) -> list[Measurement]:
+def create_delete_at(ops: Ops, count: int, concurrency: int, size: int = MiB
+                     ) -> list[Measurement]:
+    """CreateVolume of `count` volumes at `concurrency`, then DeleteVolume of each at it."""
     ids = [""] * count
 
     def create(i: int) -> None:
-        ids[i] = ops.create(f"cd-c{concurrency}-{i}", MiB)
+        ids[i] = ops.create(f"cd-c{concurrency}-{i}", size)
 
     created = run_pool("create", concurrency, count, create)
     done = [v for v in ids if v]
@@ -84,7 +86,7 @@ def _create_delete_at(ops: Ops, count: int, concurrency: int) -> list[Measuremen
 
 def create_delete(ops: Ops, plan: Plan, base: bytes) -> list[Measurement]:
     return [row for c in plan.create_concurrency
-            for row in _create_delete_at(ops, plan.create_delete, c)]
+            for row in create_delete_at(ops, plan.create_delete, c)]
 
 
 # -- 2. publish ----------------------------------------------------------------------------
