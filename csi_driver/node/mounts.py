@@ -11,7 +11,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from ..errors import FailedPrecondition, Internal, InvalidArgument
+from ..errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -120,7 +120,10 @@ def mount_at(path: str, text: str | None = None) -> MountEntry | None:
 
     Pass `text` (read_mountinfo()) to reuse one reading across the checks of an RPC.
     """
-    real = os.path.realpath(path)
+    # Only the parent is resolved: resolving `path` itself would stat the mounted filesystem's
+    # root, which blocks for ever on an NFS mount whose server is gone.
+    path = os.path.normpath(path)
+    real = os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
     found = None
     for entry in entries_naming(read_mountinfo() if text is None else text, real):
         if entry.mount_point == real:
@@ -184,8 +187,7 @@ def bind(source: str, target: str, flags: int = 0) -> None:
             raise
 
 
-def unmount(target: str) -> bool:
-    """Unmount every mount stacked on `target`; False when nothing was mounted there."""
+def _unmount_all(target: str) -> bool:
     did = False
     while True:
         if _libc.umount2(os.fsencode(target), UMOUNT_NOFOLLOW) == 0:
@@ -197,6 +199,24 @@ def unmount(target: str) -> bool:
         if err == errno.EBUSY:
             raise FailedPrecondition(f"{target} is still in use and cannot be unmounted")
         raise Internal(f"unmount of {target} failed: {os.strerror(err)}")
+
+
+def unmount(target: str, wait: float = 10.0) -> bool:
+    """Unmount every mount stacked on `target`; False when nothing was mounted there.
+
+    A filesystem whose server is gone (NFS) can block an unmount for ever: after `wait` seconds
+    the mounts are detached lazily instead (MNT_DETACH needs nothing from the filesystem), so
+    the path is free and the kernel finishes the job whenever it can.
+    """
+    from . import bounded  # local: bounded imports errors only, but keep mounts import-light
+
+    try:
+        return bounded.call(f"umount:{target}", _unmount_all, target, timeout=wait)
+    except Unavailable:
+        did = False
+        while _libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
+            did = True
+        return did
 
 
 def same_object(a: str, b: str) -> bool:

@@ -6,6 +6,8 @@ mounted are safe.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import stat
 
@@ -17,9 +19,10 @@ from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
 from ..driver import Driver
 from ..ids import ObjectId
-from ..node import devices, mounts
+from ..node import bounded, devices, mounts
 from . import capabilities, convert
 
+log = logging.getLogger(__name__)
 _Cap = pb.NodeServiceCapability.RPC.Type
 # Modes that allow one published writer on the node (Kubernetes ReadWriteOncePod).
 EXCLUSIVE_MODES = (AccessMode.SINGLE_NODE_WRITER, AccessMode.SINGLE_NODE_SINGLE_WRITER)
@@ -36,6 +39,25 @@ def _capability(message: pb.VolumeCapability, backend: Backend) -> Capability:
     if reason:  # the spec's "exceeds capabilities" row for the node RPCs
         raise errors.FailedPrecondition(reason)
     return cap
+
+
+STATS_WAIT = 5.0
+
+
+def _stats(path: str) -> tuple[int, os.statvfs_result]:
+    return os.stat(path).st_mode, os.statvfs(path)
+
+
+def _stale(path: str) -> bool:
+    """Whether the filesystem at `path` answers ESTALE (its directory was replaced on the
+    server); a path that does not answer at all counts as not stale here."""
+    try:
+        bounded.call(f"stale:{path}", os.stat, path, timeout=STATS_WAIT)
+    except OSError as exc:
+        return exc.errno == errno.ESTALE
+    except errors.Unavailable:
+        return False
+    return False
 
 
 def _remove(path: str) -> None:
@@ -114,6 +136,7 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.NotFound(f"volume {request.volume_id!r} does not exist")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
             source = backend.publish_source(parsed.local, request.staging_target_path, cap)
+            self._recover_stale(request, parsed.local, backend, cap, source)
             text = mounts.read_mountinfo()
             staged = mounts.mount_at(source, text)
             if staged is None or not backend.owns_mount(parsed.local, source):
@@ -129,6 +152,26 @@ class NodeService(pb_grpc.NodeServicer):
             mounts.ensure_bind(source, request.target_path, flags,
                                make="file" if cap.block else "dir", text=text)
         return pb.NodePublishVolumeResponse()
+
+    @staticmethod
+    def _recover_stale(request: pb.NodePublishVolumeRequest, local_id: str, backend: Backend,
+                       cap: Capability, source: str) -> None:
+        """Remount what answers ESTALE: a stale target is unmounted (publish binds it again),
+        a stale staging mount is unstaged and staged again first. Kubelet republishes
+        after a restart; without this the pod would keep an unusable volume for ever."""
+        target = request.target_path
+        staging = request.staging_target_path
+        if mounts.mount_at(staging) is not None and _stale(staging):
+            log.warning("volume %s: staging mount %s is stale; remounting", request.volume_id,
+                        staging)
+            if mounts.mount_at(target) is not None:
+                mounts.unmount(target, wait=STATS_WAIT)
+            backend.unstage(local_id, staging)
+            backend.stage(local_id, staging, cap, dict(request.volume_context), request.secrets)
+        elif (target != source and mounts.mount_at(target) is not None and _stale(target)):
+            log.warning("volume %s: target %s is stale; publishing again", request.volume_id,
+                        target)
+            mounts.unmount(target, wait=STATS_WAIT)
 
     @staticmethod
     def _check_exclusive(text: str, staged: mounts.MountEntry, source: str, target: str) -> None:
@@ -160,7 +203,8 @@ class NodeService(pb_grpc.NodeServicer):
         _require(volume_id, "volume_id")
         _require(path, "volume_path")
         parsed, backend = self._volume(volume_id)
-        if not os.path.exists(path):
+        # The mount table first: a stat of a mounted path can hang on a dead NFS server.
+        if mounts.mount_at(path) is None and not os.path.exists(path):
             raise errors.NotFound(f"volume_path {path} does not exist")
         if mounts.mount_at(path) is None or not backend.known_on_node(parsed.local) or (
                 strict and not backend.owns_mount(parsed.local, path)):
@@ -174,10 +218,21 @@ class NodeService(pb_grpc.NodeServicer):
         path = request.volume_path
         unit = pb.VolumeUsage.Unit
         response = pb.NodeGetVolumeStatsResponse()
-        if stat.S_ISBLK(os.stat(path).st_mode):
+        try:
+            st_mode, st = bounded.call(f"stats:{path}", _stats, path, timeout=STATS_WAIT)
+        except (errors.Unavailable, OSError) as exc:
+            # No usage from a volume that does not answer; its condition says why.
+            if not backend.features.volume_condition:
+                raise errors.Unavailable(f"{path}: {exc}") from exc
+            response.volume_condition.CopyFrom(
+                convert.condition_pb(backend.node_condition(parsed.local, path)))
+            if not response.volume_condition.abnormal:
+                response.volume_condition.abnormal = True
+                response.volume_condition.message = str(exc)
+            return response
+        if stat.S_ISBLK(st_mode):
             response.usage.append(pb.VolumeUsage(unit=unit.BYTES, total=devices.device_size(path)))
         else:
-            st = os.statvfs(path)
             response.usage.extend([
                 pb.VolumeUsage(unit=unit.BYTES, total=st.f_blocks * st.f_frsize,
                                available=st.f_bavail * st.f_frsize,
