@@ -58,10 +58,11 @@ def write_config(path: Path, backends: dict[str, Any], **extra: Any) -> Path:
 
 def start_driver(tmp: Path, config: Path | None = None, *args: str,
                  data_dir: Path | None = None, wait: bool = True,
-                 env: dict[str, str] | None = None) -> Driver:
+                 env: dict[str, str] | None = None, prefix: list[str] | None = None) -> Driver:
     sock = tmp / "csi.sock"
     log_path = tmp / "driver.log"
-    cmd = [sys.executable, "-m", "csi_driver", "--endpoint", f"unix://{sock}",
+    # `prefix` runs the driver under another command (e.g. `ip netns exec NS`).
+    cmd = [*(prefix or []), sys.executable, "-m", "csi_driver", "--endpoint", f"unix://{sock}",
            "--node-id", NODE_ID, *args]
     if config is not None:
         cmd += ["--config", str(config)]

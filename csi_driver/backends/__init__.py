@@ -12,11 +12,14 @@ from importlib.metadata import entry_points
 
 from .base import Backend
 from .hostpath import HostPathBackend
+from .nfs import NfsBackend
 from .rbd import RbdBackend
 
 ENTRY_POINT_GROUP = "csi_driver.backends"
 # The rbd module imports librados/librbd only when a cluster is used, so listing it costs nothing.
-BUILTIN: dict[str, type[Backend]] = {"hostpath": HostPathBackend, "rbd": RbdBackend}
+BUILTIN: dict[str, type[Backend]] = {
+    "hostpath": HostPathBackend, "nfs": NfsBackend, "rbd": RbdBackend,
+}
 
 
 def backend_types() -> dict[str, type[Backend]]:

@@ -1,0 +1,3 @@
+from .backend import NfsBackend
+
+__all__ = ["NfsBackend"]

@@ -1,0 +1,450 @@
+"""NFS backend: one sub-directory of an export per volume (see share.py for the layout).
+
+The controller works through libnfs (no kernel mount, no privilege); nodes mount
+`server:/share/<subDir>` once per volume at NodeStage and bind it into pods at NodePublish, so
+every volume has its own NFS mount: its own options, its own stale-handle recovery, and a pod sees
+nothing of the share but its own directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from ... import errors, faults, ids
+from ...node import bounded, mounts
+from ..base import (
+    NO_SECRETS,
+    AccessMode,
+    Backend,
+    BackendConfig,
+    Capability,
+    Capacity,
+    Condition,
+    Expansion,
+    Features,
+    NodeInfo,
+    Secrets,
+    Snapshot,
+    Source,
+    Volume,
+    VolumeRequest,
+)
+from . import share
+from .config import ON_DELETE, NfsConfig, parse_mode
+from .jobs import Job, Jobs
+from .libnfs import Connection, NfsError, Pool
+from .mount import mount_nfs
+from .tree import copy_tree, remove_tree
+
+PARAMETERS = frozenset({"subDir", "onDelete", "mountPermissions", "uid", "gid", "mountOptions",
+                        "nfsVersion"})
+_UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                          errno.ENETUNREACH, errno.ECONNRESET, errno.EPIPE, errno.EIO})
+
+
+class NfsBackend(Backend):
+    type_name = "nfs"
+    Config = NfsConfig
+    features = Features(
+        access_modes=frozenset(AccessMode),
+        parameters=PARAMETERS,
+        snapshots=True,
+        clones=True,
+        expansion=Expansion.ONLINE,
+        volume_condition=True,
+    )
+
+    def __init__(self, name: str, config: BackendConfig, node: NodeInfo) -> None:
+        super().__init__(name, config, node)
+        assert isinstance(config, NfsConfig)
+        self.config = config
+        self.pool = Pool(config.server, config.share, config.controllerVersion,
+                         config.timeoutSeconds)
+        self.jobs = Jobs()
+        self._ready = False
+        self._start_lock = threading.Lock()
+        self._purge = threading.Event()
+
+    # -- connections and errors ----------------------------------------------------------
+    def _where(self) -> str:
+        return f"{self.config.server}:{self.config.share}"
+
+    def _error(self, exc: NfsError) -> errors.CsiError:
+        """The gRPC error for a libnfs failure, with the server's own words."""
+        text = exc.strerror or str(exc)
+        code = exc.errno or 0
+        if "resolv" in text or "Invalid address" in text:
+            return errors.InvalidArgument(f"NFS server {self.config.server!r} does not "
+                                          f"resolve: {text}")
+        if code in _UNREACHABLE or "connect" in text.lower():
+            return errors.Unavailable(f"NFS server {self.config.server} is not reachable: {text}")
+        if code == errno.ENOENT and (exc.strerror or "").startswith("mount of"):
+            return errors.NotFound(f"{self._where()} is not exported: {text}")
+        if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return errors.PermissionDenied(f"{self._where()}: {text}")
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            return errors.ResourceExhausted(f"{self._where()} is full: {text}")
+        return errors.Internal(f"{self._where()}: {text}")
+
+    def _mount_error(self, exc: NfsError) -> errors.CsiError:
+        # Ganesha and knfsd answer MNT3ERR_ACCES for an export they do not have; NFSv4's
+        # pseudo filesystem tells "no such export" apart from "not allowed".
+        if exc.errno == errno.EACCES and self.config.controllerVersion == 3:
+            try:
+                Connection(self.config.server, self.config.share, 4,
+                           self.config.timeoutSeconds).close()
+            except NfsError as v4:
+                if v4.errno == errno.ENOENT:
+                    return errors.NotFound(
+                        f"{self._where()} is not exported to us (v3: {exc}; v4: {v4})")
+        return self._error(exc)
+
+    @contextmanager
+    def _conn(self) -> Iterator[Connection]:
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except NfsError as exc:
+            raise (self._mount_error(exc) if (exc.strerror or "").startswith("mount of")
+                   else self._error(exc)) from exc
+
+    # -- identity ------------------------------------------------------------------------
+    def probe(self) -> None:
+        with self._conn() as conn:
+            if not self._ready:
+                with self._start_lock:
+                    if not self._ready:
+                        share.prepare(conn)
+                        # No copy runs yet: whatever a killed one left in tmp is garbage.
+                        for name, _ in conn.listdir(share.TMP):
+                            share.to_trash(conn, f"{share.TMP}/{name}")
+                        threading.Thread(target=self._purger, name=f"purge {self.name}",
+                                         daemon=True).start()
+                        self._ready = True
+            conn.stat(share.META)
+
+    def _started(self) -> None:
+        if not self._ready:
+            self.probe()
+
+    def _purger(self) -> None:
+        """Empty the trash in the background: a delete of a million files is one rename."""
+        while True:
+            try:
+                with Connection(self.config.server, self.config.share,
+                                self.config.controllerVersion, self.config.timeoutSeconds) as c:
+                    for name, _ in c.listdir(share.TRASH):
+                        remove_tree(c, f"{share.TRASH}/{name}")
+            except NfsError:
+                pass  # the server is away; the next round retries
+            self._purge.wait(300)
+            self._purge.clear()
+
+    # -- records <-> interface types -------------------------------------------------------
+    def _volume(self, local_id: str, rec: share.VolumeRecord, conn: Connection | None = None
+                ) -> Volume:
+        cond = None
+        if conn is not None:
+            present = conn.exists(f"/{rec.sub_dir}")
+            cond = Condition(not present, "" if present else
+                             f"directory {rec.sub_dir} is missing from {self._where()}")
+        return Volume(
+            local_id=local_id, name=rec.name, size=rec.size, parameters=rec.parameters,
+            context=rec.context, condition=cond,
+            source=Source(rec.source_kind, rec.source_id) if rec.source_kind else None,
+        )
+
+    def _settings(self, parameters: Mapping[str, str]) -> dict[str, str]:
+        """Per-volume settings: StorageClass parameters over the backend's defaults."""
+        c = self.config
+        got = {"subDir": c.subDir, "onDelete": c.onDelete, "mountPermissions": c.mountPermissions,
+               "nfsVersion": c.nfsVersion, "mountOptions": ",".join(c.mountOptions),
+               "uid": "", "gid": ""}
+        got.update({k: v for k, v in parameters.items() if k in PARAMETERS})
+        if got["onDelete"] not in ON_DELETE:
+            raise errors.InvalidArgument(f"onDelete must be one of {', '.join(ON_DELETE)}")
+        try:
+            parse_mode(got["mountPermissions"])
+        except ValueError as exc:
+            raise errors.InvalidArgument(f"mountPermissions: {exc}") from exc
+        for key in ("uid", "gid"):
+            if got[key] and not got[key].isdigit():
+                raise errors.InvalidArgument(f"{key} must be a number, not {got[key]!r}")
+        if got["nfsVersion"] not in ("3", "4", "4.0", "4.1", "4.2"):
+            raise errors.InvalidArgument("nfsVersion must be one of 3, 4, 4.0, 4.1, 4.2")
+        return got
+
+    # -- controller: volumes -------------------------------------------------------------
+    def create_volume(self, request: VolumeRequest) -> Volume:
+        self._started()
+        settings = self._settings(request.parameters)
+        sub_dir = share.render_sub_dir(settings["subDir"], dict(request.parameters),
+                                       request.name)
+        local_id = ids.local_id_for_name(sub_dir)
+        with self._conn() as conn:
+            rec = share.volume_record(conn, local_id)
+            if rec is not None:
+                if rec.name != request.name:
+                    raise errors.AlreadyExists(
+                        f"subDir {sub_dir!r} already belongs to volume {rec.name!r}")
+                return self._volume(local_id, rec)
+            path = f"/{sub_dir}"
+            source_path = self._source_path(conn, request.source) if request.source else ""
+            parent = os.path.dirname(path)
+            if parent != "/":
+                conn.makedirs(parent, 0o755)
+            if source_path:
+                if conn.exists(path):
+                    raise errors.AlreadyExists(
+                        f"{sub_dir} already holds data (a retained volume?); a volume made from "
+                        "a snapshot or a volume needs an empty place: choose another subDir")
+            else:
+                self._make_directory(conn, path, settings)
+        if source_path:
+            self._wait_copy(f"vol-{local_id}", source_path, path,
+                            f"copying {request.source.kind if request.source else ''} into "
+                            f"volume {request.name!r}")
+        rec = share.VolumeRecord(
+            name=request.name, sub_dir=sub_dir, size=request.size,
+            parameters=dict(request.parameters), on_delete=settings["onDelete"],
+            context={"server": self.config.server, "share": self.config.share,
+                     "subDir": sub_dir, "nfsVersion": settings["nfsVersion"],
+                     **({"mountOptions": settings["mountOptions"]}
+                        if settings["mountOptions"] else {})},
+            source_kind=request.source.kind if request.source else "",
+            source_id=request.source.local_id if request.source else "",
+        )
+        with self._conn() as conn:
+            faults.point("nfs-create-volume")
+            share.save_volume(conn, local_id, rec)
+        return self._volume(local_id, rec)
+
+    @staticmethod
+    def _make_directory(conn: Connection, path: str, settings: Mapping[str, str]) -> None:
+        """The volume's directory; one that is already there (retained data) is adopted."""
+        try:
+            conn.mkdir(path, 0o700)
+        except NfsError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        if settings["uid"] or settings["gid"]:
+            st = conn.stat(path)
+            conn.lchown(path, int(settings["uid"] or st.uid), int(settings["gid"] or st.gid))
+        conn.chmod(path, parse_mode(settings["mountPermissions"]))
+
+    def _source_path(self, conn: Connection, source: Source) -> str:
+        if source.kind == "volume":
+            rec = share.volume_record(conn, source.local_id)
+            if rec is None:
+                raise errors.NotFound(f"source volume {self.name}:{source.local_id} does not exist")
+            return f"/{rec.sub_dir}"
+        if share.snapshot_record(conn, source.local_id) is None:
+            raise errors.NotFound(f"snapshot {self.name}:{source.local_id} does not exist")
+        if not self._snapshot_ready(conn, source.local_id):
+            raise errors.Aborted(
+                f"snapshot {self.name}:{source.local_id} is not ready yet (its copy is running); "
+                "the restore will go ahead once it is")
+        return f"{share.SNAPSHOTS}/{source.local_id}"
+
+    def _wait_copy(self, key: str, src: str, dst: str, what: str) -> bool:
+        """Run (or join) the copy `src` -> `dst` and wait up to copyWaitSeconds; ABORTED while it
+        runs on, so the caller's retry picks it up."""
+        job = self.jobs.start(key, lambda job: self._copy(job, src, dst))
+        if not job.done.wait(self.config.copyWaitSeconds):
+            raise errors.Aborted(
+                f"{what}: still copying ({job.progress.files} files, "
+                f"{job.progress.bytes >> 20} MiB so far); retry later")
+        self.jobs.forget(key)
+        if job.error is not None:
+            if isinstance(job.error, NfsError):
+                raise self._error(job.error) from job.error
+            raise job.error
+        return True
+
+    def _copy(self, job: Job, src: str, dst: str) -> None:
+        """Copy into tmp, then rename into place: `dst` appears only complete."""
+        tmp = f"{share.TMP}/{job.key}"
+        progress = job.progress
+
+        def stop() -> bool:
+            if progress.bytes >= 1 << 20:
+                faults.point("nfs-copy")
+            return job.cancel.is_set()
+
+        progress.cancelled = stop
+        with Connection(self.config.server, self.config.share, self.config.controllerVersion,
+                        self.config.timeoutSeconds) as conn:
+            remove_tree(conn, tmp)
+            copy_tree(conn, src, tmp, progress)
+            parent = os.path.dirname(dst)
+            if parent != "/":
+                conn.makedirs(parent, 0o755)
+            conn.rename(tmp, dst)
+
+    def delete_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+        self._started()
+        with self._conn() as conn:
+            rec = share.volume_record(conn, local_id)
+            if rec is None:
+                return
+            path = f"/{rec.sub_dir}"
+            if rec.on_delete == "delete":
+                share.to_trash(conn, path)
+                self._purge.set()
+            elif rec.on_delete == "archive":
+                stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+                archived = f"{os.path.dirname(path).rstrip('/')}/archived-" \
+                           f"{os.path.basename(path)}-{stamp}"
+                try:
+                    conn.rename(path, archived)
+                except NfsError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+            faults.point("nfs-delete-volume")
+            share.remove(conn, f"{share.VOLUMES}/{local_id}.json")
+
+    def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None:
+        self._started()
+        with self._conn() as conn:
+            rec = share.volume_record(conn, local_id)
+            return None if rec is None else self._volume(local_id, rec, conn)
+
+    def list_volumes(self) -> Iterator[Volume]:
+        self._started()
+        with self._conn() as conn:
+            found = []
+            for local_id in share.ids(conn, share.VOLUMES):
+                rec = share.volume_record(conn, local_id)
+                if rec is not None:
+                    found.append(self._volume(local_id, rec, conn))
+        yield from found
+
+    def capacity(self, parameters: Mapping[str, str]) -> Capacity:
+        with self._conn() as conn:
+            return Capacity(available=conn.statvfs("/").available)
+
+    def expand_volume(self, local_id: str, size: int, secrets: Secrets = NO_SECRETS
+                      ) -> tuple[int, bool]:
+        """Directory volumes have no size to grow: the new size is recorded, nothing else."""
+        with self._conn() as conn:
+            rec = share.volume_record(conn, local_id)
+            if rec is None:
+                raise errors.NotFound(f"volume {self.name}:{local_id} does not exist")
+            if size > rec.size:
+                rec.size = size
+                share.save_volume(conn, local_id, rec)
+            return rec.size, False
+
+    # -- controller: snapshots -----------------------------------------------------------
+    @staticmethod
+    def _snapshot_ready(conn: Connection, local_id: str) -> bool:
+        return conn.exists(f"{share.SNAPSHOTS}/{local_id}")
+
+    def _snapshot(self, local_id: str, rec: share.SnapshotRecord, ready: bool) -> Snapshot:
+        return Snapshot(local_id=local_id, name=rec.name, source_volume=rec.source_volume,
+                        size=rec.size, created_at=rec.created, ready=ready)
+
+    def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
+                        secrets: Secrets = NO_SECRETS) -> Snapshot:
+        self._started()
+        local_id = ids.local_id_for_name(name)
+        with self._conn() as conn:
+            rec = share.snapshot_record(conn, local_id)
+            if rec is not None and rec.source_volume != source_volume:
+                raise errors.AlreadyExists(
+                    f"snapshot {name!r} already exists for another volume")
+            volume = share.volume_record(conn, source_volume)
+            if rec is None:
+                if volume is None:
+                    raise errors.NotFound(f"volume {self.name}:{source_volume} does not exist")
+                rec = share.SnapshotRecord(name=name, source_volume=source_volume,
+                                           size=volume.size)
+                share.save_snapshot(conn, local_id, rec)
+            if self._snapshot_ready(conn, local_id):
+                return self._snapshot(local_id, rec, True)
+        if volume is None:
+            raise errors.FailedPrecondition(
+                f"the copy of snapshot {name!r} did not finish and its volume is gone; "
+                "delete the snapshot")
+        key = f"snap-{local_id}"
+        job = self.jobs.start(key, lambda job: self._copy(
+            job, f"/{volume.sub_dir}", f"{share.SNAPSHOTS}/{local_id}"))
+        if job.done.wait(min(self.config.copyWaitSeconds, 1)):
+            self.jobs.forget(key)
+            if job.error is not None:
+                raise (self._error(job.error) if isinstance(job.error, NfsError)
+                       else job.error) from job.error
+            return self._snapshot(local_id, rec, True)
+        return self._snapshot(local_id, rec, False)
+
+    def delete_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+        self._started()
+        self.jobs.cancel(f"snap-{local_id}", wait=self.config.timeoutSeconds)
+        with self._conn() as conn:
+            share.to_trash(conn, f"{share.SNAPSHOTS}/{local_id}")
+            share.to_trash(conn, f"{share.TMP}/snap-{local_id}")
+            share.remove(conn, f"{share.SNAPSHOTS}/{local_id}.json")
+        self._purge.set()
+
+    def get_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Snapshot | None:
+        self._started()
+        with self._conn() as conn:
+            rec = share.snapshot_record(conn, local_id)
+            if rec is None:
+                return None
+            return self._snapshot(local_id, rec, self._snapshot_ready(conn, local_id))
+
+    def list_snapshots(self, secrets: Secrets = NO_SECRETS) -> Iterator[Snapshot]:
+        self._started()
+        with self._conn() as conn:
+            found = []
+            for local_id in share.ids(conn, share.SNAPSHOTS):
+                rec = share.snapshot_record(conn, local_id)
+                if rec is not None:
+                    found.append(self._snapshot(local_id, rec,
+                                                self._snapshot_ready(conn, local_id)))
+        yield from found
+
+    # -- node ----------------------------------------------------------------------------
+    def stage(self, local_id: str, staging_path: str, capability: Capability,
+              context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
+        server = context.get("server") or self.config.server
+        export = context.get("share") or self.config.share
+        sub_dir = context.get("subDir", "")
+        if ".." in sub_dir.split("/"):
+            raise errors.InvalidArgument(f"subDir {sub_dir!r} leaves the share")
+        path = "/".join(p for p in (export.rstrip("/"), sub_dir.strip("/")) if p) or "/"
+        if mounts.mount_at(staging_path) is not None:
+            return  # staged already: NodeStage is idempotent
+        if not os.path.isdir(staging_path):
+            raise errors.FailedPrecondition(f"staging path {staging_path} is not a directory")
+        options = [*self.config.mountOptions,
+                   *(o for o in context.get("mountOptions", "").split(",") if o)]
+        for flag in capability.mount_flags:
+            options += [o for o in flag.split(",") if o]
+        version = context.get("nfsVersion") or self.config.nfsVersion
+        read_only = capability.access_mode in (AccessMode.SINGLE_NODE_READER_ONLY,
+                                               AccessMode.MULTI_NODE_READER_ONLY)
+        mount_nfs(server, path, staging_path, version, options, read_only,
+                  self.config.timeoutSeconds)
+
+    def unstage(self, local_id: str, staging_path: str) -> None:
+        mounts.unmount(staging_path, wait=self.config.timeoutSeconds)
+
+    def node_condition(self, local_id: str, volume_path: str) -> Condition:
+        try:
+            bounded.call(f"stat:{volume_path}", os.stat, volume_path,
+                         timeout=self.config.timeoutSeconds)
+        except errors.Unavailable as exc:
+            return Condition(True, str(exc))
+        except OSError as exc:
+            if exc.errno == errno.ESTALE:
+                return Condition(True, f"stale NFS file handle at {volume_path}: the directory "
+                                       "was removed or replaced on the server")
+            return Condition(True, f"{volume_path}: {exc.strerror}")
+        return Condition(False, "")

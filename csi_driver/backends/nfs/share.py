@@ -1,0 +1,156 @@
+"""What the NFS backend keeps on the share, and how a volume's directory is named.
+
+  <subDir>/                   a volume's files, where the subDir template puts them
+  .berth/volumes/<id>.json    a volume's record (written last on create, removed last on delete)
+  .berth/snapshots/<id>.json  a snapshot's record, written when its copy starts
+  .berth/snapshots/<id>/      the snapshot's copy, renamed into place only once complete
+  .berth/tmp/                 copies in progress
+  .berth/trash/               deleted directories, purged in the background
+
+The record, not the directory, says a volume exists: a directory without one is data a `retain`
+delete left behind, which a new volume with the same subDir adopts. A volume's ID is derived from
+its subDir, so a retried CreateVolume finds the same record; a snapshot's ID from its name.
+NFSv3 has no extended attributes, hence the small JSON files beside the data.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ... import errors
+from .libnfs import Connection, NfsError
+
+META = "/.berth"
+VOLUMES, SNAPSHOTS, TMP, TRASH = (f"{META}/{d}" for d in ("volumes", "snapshots", "tmp", "trash"))
+
+K8S = "csi.storage.k8s.io/"
+# Template variables and the external-provisioner metadata parameter that fills each.
+TEMPLATE_VARS = {
+    "pvc.metadata.name": K8S + "pvc/name",
+    "pvc.metadata.namespace": K8S + "pvc/namespace",
+    "pv.metadata.name": K8S + "pv/name",
+}
+_VAR_RE = re.compile(r"\$\{([^}]*)\}")
+
+
+@dataclass
+class VolumeRecord:
+    name: str
+    sub_dir: str
+    size: int
+    parameters: dict[str, str]
+    on_delete: str
+    context: dict[str, str]
+    source_kind: str = ""
+    source_id: str = ""
+    created: float = field(default_factory=time.time)
+
+
+@dataclass
+class SnapshotRecord:
+    name: str
+    source_volume: str
+    size: int
+    created: float = field(default_factory=time.time)
+
+
+def render_sub_dir(template: str, parameters: dict[str, str], volume_name: str) -> str:
+    """The volume's directory relative to the share; INVALID_ARGUMENT if it is not a plain path
+    inside the share (no `..`, no absolute path, not our metadata)."""
+
+    def value(match: re.Match[str]) -> str:
+        var = match.group(1)
+        if var not in TEMPLATE_VARS:
+            raise errors.InvalidArgument(
+                f"subDir {template!r}: unknown variable ${{{var}}}; known: "
+                + ", ".join(f"${{{v}}}" for v in TEMPLATE_VARS)
+            )
+        got = parameters.get(TEMPLATE_VARS[var]) or (
+            volume_name if var == "pv.metadata.name" else "")
+        if not got:
+            raise errors.InvalidArgument(
+                f"subDir {template!r} uses ${{{var}}} but the request has no "
+                f"{TEMPLATE_VARS[var]} parameter; run external-provisioner with "
+                "--extra-create-metadata"
+            )
+        return got
+
+    rendered = _VAR_RE.sub(value, template)
+    parts = rendered.split("/")
+    if (not rendered or rendered.startswith("/") or any(p in ("", ".", "..") for p in parts)
+            or parts[0] == META.strip("/") or any(len(p.encode()) > 255 for p in parts)
+            or "\0" in rendered):
+        raise errors.InvalidArgument(
+            f"subDir {template!r} gives {rendered!r}, which is not a relative path inside the "
+            "share (no empty, '.' or '..' parts, no leading '/', not .berth)"
+        )
+    return rendered
+
+
+def prepare(conn: Connection) -> None:
+    for d in (VOLUMES, SNAPSHOTS, TMP, TRASH):
+        conn.makedirs(d, 0o700)
+
+
+def read_json(conn: Connection, path: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(conn.read_file(path))
+    except NfsError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    return data if isinstance(data, dict) else None
+
+
+def write_json(conn: Connection, path: str, data: dict[str, Any]) -> None:
+    """Write atomically: a reader sees the old record or the new one, never half of one."""
+    tmp = f"{TMP}/{uuid.uuid4().hex}.json"
+    conn.write_file(tmp, json.dumps(data, separators=(",", ":")).encode())
+    conn.rename(tmp, path)
+
+
+def remove(conn: Connection, path: str) -> None:
+    try:
+        conn.unlink(path)
+    except NfsError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
+def volume_record(conn: Connection, local_id: str) -> VolumeRecord | None:
+    data = read_json(conn, f"{VOLUMES}/{local_id}.json")
+    return VolumeRecord(**data) if data is not None else None
+
+
+def save_volume(conn: Connection, local_id: str, rec: VolumeRecord) -> None:
+    write_json(conn, f"{VOLUMES}/{local_id}.json", asdict(rec))
+
+
+def snapshot_record(conn: Connection, local_id: str) -> SnapshotRecord | None:
+    data = read_json(conn, f"{SNAPSHOTS}/{local_id}.json")
+    return SnapshotRecord(**data) if data is not None else None
+
+
+def save_snapshot(conn: Connection, local_id: str, rec: SnapshotRecord) -> None:
+    write_json(conn, f"{SNAPSHOTS}/{local_id}.json", asdict(rec))
+
+
+def ids(conn: Connection, kind_dir: str) -> list[str]:
+    return sorted(n[:-5] for n, _ in conn.listdir(kind_dir) if n.endswith(".json"))
+
+
+def to_trash(conn: Connection, path: str) -> bool:
+    """Move `path` out of sight; False when it was not there."""
+    try:
+        conn.rename(path, f"{TRASH}/{uuid.uuid4().hex}")
+    except NfsError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return True

@@ -1,0 +1,376 @@
+"""NFS controller against a real NFS-Ganesha: the driver works through libnfs, the test checks
+what landed on the server's own filesystem."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi_driver.csi import csi_pb2 as pb
+
+from ..conftest import status_of
+from ..harness import Driver, MiB, mount_cap, write_config
+from .fixtures import nfs_backend, start_nfs_driver
+from .server import NfsServer
+
+Mode = pb.VolumeCapability.AccessMode.Mode
+K8S = "csi.storage.k8s.io/"
+
+
+def create(driver: Driver, name: str, backend: str = "nfs", size: int = 10 * MiB,
+           mode: int = Mode.MULTI_NODE_MULTI_WRITER, **params: str) -> pb.Volume:
+    return driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=name, capacity_range=pb.CapacityRange(required_bytes=size),
+        volume_capabilities=[mount_cap(mode)], parameters={"backend": backend, **params},
+    ), timeout=30).volume
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def snapshot_ready(driver: Driver, name: str, volume_id: str, timeout: float = 60
+                   ) -> pb.Snapshot:
+    request = pb.CreateSnapshotRequest(name=name, source_volume_id=volume_id)
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = driver.controller.CreateSnapshot(request, timeout=30).snapshot
+        if snap.ready_to_use:
+            return snap
+        assert time.monotonic() < deadline, "snapshot never became ready"
+        time.sleep(0.1)
+
+
+def tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything a copy must keep, per relative path, as the server's filesystem sees it."""
+    out: dict[str, tuple[object, ...]] = {}
+    inodes: dict[int, str] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        rel = str(path.relative_to(root))
+        kind = stat.S_IFMT(st.st_mode)
+        extra: object = None
+        if stat.S_ISLNK(st.st_mode):
+            extra = os.readlink(path)
+        elif stat.S_ISREG(st.st_mode):
+            extra = (path.read_bytes(), st.st_blocks * 512 < st.st_size, st.st_nlink,
+                     inodes.setdefault(st.st_ino, rel))
+        mtime = None if stat.S_ISLNK(st.st_mode) else st.st_mtime_ns // 1000
+        out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, mtime, extra)
+    return out
+
+
+def fill(root: Path) -> None:
+    (root / "dir" / "sub").mkdir(parents=True)
+    (root / "dir" / "file").write_bytes(b"data" * 1000)
+    os.chown(root / "dir" / "file", 1234, 5678)
+    os.chmod(root / "dir" / "file", 0o640)
+    os.link(root / "dir" / "file", root / "hardlink")
+    os.symlink("dir/file", root / "symlink")
+    os.lchown(root / "symlink", 42, 43)
+    with open(root / "sparse", "wb") as f:
+        f.truncate(64 * MiB)
+        f.seek(32 * MiB)
+        f.write(b"middle")
+    os.chmod(root / "dir", 0o2750)
+    os.utime(root / "dir", ns=(1_000_000_000_000_000_000, 1_000_000_000_123_456_789))
+
+
+def test_create_delete_lifecycle(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:
+    vol = create(nfs_driver, name)
+    assert vol.volume_id.startswith("nfs:")
+    place = nfs_server.export_dir / name  # default subDir: the PV name
+    assert place.is_dir()
+    assert stat.S_IMODE(place.stat().st_mode) == 0o777
+    assert vol.volume_context["subDir"] == name
+    assert vol.volume_context["server"] == nfs_server.address
+    assert vol.volume_context["share"] == "/export"
+    assert create(nfs_driver, name).volume_id == vol.volume_id  # retried: same volume
+    (place / "payload").write_text("x")
+
+    got = nfs_driver.controller.ControllerGetVolume(
+        pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))
+    assert got.volume.capacity_bytes == 10 * MiB
+    assert not got.status.volume_condition.abnormal
+    listed = {e.volume.volume_id for e in nfs_driver.controller.ListVolumes(
+        pb.ListVolumesRequest()).entries}
+    assert vol.volume_id in listed
+
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert not place.exists()
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert status_of(lambda: nfs_driver.controller.ControllerGetVolume(
+        pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))) == grpc.StatusCode.NOT_FOUND
+    wait_for(lambda: not any((nfs_server.export_dir / ".berth" / "trash").iterdir()))
+
+
+def test_subdir_template_retain_and_archive(nfs_driver: Driver, nfs_server: NfsServer,
+                                            name: str) -> None:
+    meta = {K8S + "pvc/name": "data-db-0", K8S + "pvc/namespace": f"ns-{name}"[:60],
+            K8S + "pv/name": name}
+    vol = create(nfs_driver, name, backend="tree", **meta)
+    place = nfs_server.export_dir / meta[K8S + "pvc/namespace"] / "data-db-0"
+    assert place.is_dir() and vol.volume_context["subDir"] == str(
+        place.relative_to(nfs_server.export_dir))
+    # Another volume that renders to the same directory is refused, not merged.
+    assert status_of(lambda: create(nfs_driver, name + "-other", backend="tree", **meta)
+                     ) == grpc.StatusCode.ALREADY_EXISTS
+    (place / "keep").write_text("kept")
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    archived = [p for p in place.parent.iterdir() if p.name.startswith("archived-data-db-0-")]
+    assert not place.exists() and len(archived) == 1
+    assert (archived[0] / "keep").read_text() == "kept"
+
+    # retain: the data stays, and a new volume with the same subDir adopts it.
+    vol = create(nfs_driver, name, backend="tree", onDelete="retain", **meta)
+    (place / "keep").write_text("again")
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert (place / "keep").read_text() == "again"
+    vol = create(nfs_driver, name + "-new", backend="tree", onDelete="retain", **meta)
+    assert (place / "keep").read_text() == "again"
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+
+
+def test_directory_mode_and_owner(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:
+    vol = create(nfs_driver, name, mountPermissions="0750", uid="1001", gid="2002")
+    st = (nfs_server.export_dir / name).stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 1001, 2002)
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+
+
+@pytest.mark.parametrize("params", [
+    {"subDir": "../escape"},
+    {"subDir": "a/../../escape"},
+    {"subDir": "/absolute"},
+    {"subDir": ".berth/volumes"},
+    {"subDir": "${pvc.metadata.name}"},  # no --extra-create-metadata
+    {"subDir": "${pvc.metadata.name}", K8S + "pvc/name": ".."},
+    {"subDir": "${nope}"},
+    {"onDelete": "shred"},
+    {"mountPermissions": "rwx"},
+    {"uid": "root"},
+    {"nfsVersion": "5"},
+])
+def test_bad_parameters(nfs_driver: Driver, nfs_server: NfsServer, name: str,
+                        params: dict[str, str]) -> None:
+    before = sorted(p.name for p in nfs_server.export_dir.iterdir())
+    with pytest.raises(grpc.RpcError) as err:
+        create(nfs_driver, name, **params)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert sorted(p.name for p in nfs_server.export_dir.iterdir()) == before
+
+
+def test_capacity_and_expansion(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:
+    cap = nfs_driver.controller.GetCapacity(pb.GetCapacityRequest(
+        parameters={"backend": "nfs"})).available_capacity
+    st = os.statvfs(nfs_server.export_dir)
+    assert abs(cap - st.f_bavail * st.f_frsize) < 0.05 * cap
+    vol = create(nfs_driver, name)
+    grown = nfs_driver.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id, capacity_range=pb.CapacityRange(required_bytes=50 * MiB)))
+    assert grown.capacity_bytes == 50 * MiB and not grown.node_expansion_required
+    got = nfs_driver.controller.ControllerGetVolume(
+        pb.ControllerGetVolumeRequest(volume_id=vol.volume_id))
+    assert got.volume.capacity_bytes == 50 * MiB
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+
+
+def test_all_access_modes_accepted(nfs_driver: Driver, name: str) -> None:
+    for mode in (Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_READER_ONLY,
+                 Mode.MULTI_NODE_READER_ONLY, Mode.MULTI_NODE_SINGLE_WRITER,
+                 Mode.MULTI_NODE_MULTI_WRITER, Mode.SINGLE_NODE_SINGLE_WRITER,
+                 Mode.SINGLE_NODE_MULTI_WRITER):
+        vol = create(nfs_driver, f"{name}-{mode}", mode=mode)
+        nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+
+
+def test_snapshot_restore_and_clone_keep_everything(nfs_driver: Driver, nfs_server: NfsServer,
+                                                    name: str) -> None:
+    vol = create(nfs_driver, name)
+    source = nfs_server.export_dir / name
+    fill(source)
+    expected = tree(source)
+    assert expected["sparse"][5][1] is True  # type: ignore[index] - the source is sparse
+
+    snap = snapshot_ready(nfs_driver, name + "-snap", vol.volume_id)
+    assert snap.source_volume_id == vol.volume_id and snap.size_bytes == 10 * MiB
+    (source / "dir" / "file").write_text("changed after the snapshot")
+
+    restored = nfs_driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=name + "-restored", volume_capabilities=[mount_cap()],
+        capacity_range=pb.CapacityRange(required_bytes=10 * MiB), parameters={"backend": "nfs"},
+        volume_content_source=pb.VolumeContentSource(
+            snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id)),
+    ), timeout=30).volume
+    assert tree(nfs_server.export_dir / (name + "-restored")) == expected
+
+    clone = nfs_driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=name + "-clone", volume_capabilities=[mount_cap()],
+        capacity_range=pb.CapacityRange(required_bytes=10 * MiB), parameters={"backend": "nfs"},
+        volume_content_source=pb.VolumeContentSource(
+            volume=pb.VolumeContentSource.VolumeSource(volume_id=vol.volume_id)),
+    ), timeout=30).volume
+    assert tree(nfs_server.export_dir / (name + "-clone")) == tree(source)
+
+    listed = nfs_driver.controller.ListSnapshots(pb.ListSnapshotsRequest(
+        snapshot_id=snap.snapshot_id)).entries
+    assert [e.snapshot.ready_to_use for e in listed] == [True]
+    for v in (vol, restored, clone):
+        nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
+    nfs_driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    assert status_of(lambda: nfs_driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=name + "-late", volume_capabilities=[mount_cap()], parameters={"backend": "nfs"},
+        volume_content_source=pb.VolumeContentSource(
+            snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id)),
+    ))) == grpc.StatusCode.NOT_FOUND
+
+
+def test_large_snapshot_reports_progress(nfs_driver: Driver, nfs_server: NfsServer,
+                                         name: str) -> None:
+    """A copy longer than the RPC's wait answers ready_to_use=false, then true; a restore
+    asked for meanwhile is ABORTED (retryable), never half made."""
+    vol = create(nfs_driver, name)
+    with open(nfs_server.export_dir / name / "big", "wb") as f:
+        for _ in range(768):
+            f.write(os.urandom(MiB))
+    request = pb.CreateSnapshotRequest(name=name + "-snap", source_volume_id=vol.volume_id)
+    first = nfs_driver.controller.CreateSnapshot(request, timeout=30).snapshot
+    assert not first.ready_to_use
+    restore = pb.CreateVolumeRequest(
+        name=name + "-restored", volume_capabilities=[mount_cap()],
+        parameters={"backend": "nfs"}, volume_content_source=pb.VolumeContentSource(
+            snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=first.snapshot_id)))
+    assert status_of(lambda: nfs_driver.controller.CreateVolume(restore)
+                     ) == grpc.StatusCode.ABORTED
+    assert not (nfs_server.export_dir / (name + "-restored")).exists()
+    snap = snapshot_ready(nfs_driver, name + "-snap", vol.volume_id, timeout=120)
+    assert snap.snapshot_id == first.snapshot_id
+    assert snap.creation_time == first.creation_time
+    nfs_driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+
+
+def test_delete_of_many_files_is_one_rename(nfs_driver: Driver, nfs_server: NfsServer,
+                                            name: str) -> None:
+    vol = create(nfs_driver, name)
+    place = nfs_server.export_dir / name
+    for i in range(20):
+        d = place / f"d{i}"
+        d.mkdir()
+        for j in range(500):
+            (d / f"f{j}").touch()
+    trash = nfs_server.export_dir / ".berth" / "trash"
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id),
+                                       timeout=5)
+    assert not place.exists()  # gone from sight at once; the 10,000 files go in the background
+    wait_for(lambda: not any(trash.iterdir()), timeout=120)
+
+
+def test_kill_during_snapshot_copy_then_retry(nfs_server: NfsServer, tmp_path: Path,
+                                              name: str) -> None:
+    """SIGKILL in the middle of a copy: the retry (after a restart) copies again and the
+    snapshot is never 'ready' with half the data."""
+    (tmp_path / "a").mkdir()
+    first = start_nfs_driver(nfs_server, tmp_path / "a", env={"BERTH_FAULTS": "nfs-copy"})
+    vol = create(first, name)
+    payload = os.urandom(8 * MiB)
+    (nfs_server.export_dir / name / "data").write_bytes(payload)
+    request = pb.CreateSnapshotRequest(name=name + "-snap", source_volume_id=vol.volume_id)
+    with pytest.raises(grpc.RpcError):
+        first.controller.CreateSnapshot(request, timeout=30)  # the driver dies copying
+    assert first.proc.wait(10) == -9
+    half = list((nfs_server.export_dir / ".berth" / "tmp").glob("snap-*"))
+    assert half, "the kill should have left a partial copy behind"
+
+    (tmp_path / "b").mkdir()
+    second = start_nfs_driver(nfs_server, tmp_path / "b")
+    try:
+        snap = snapshot_ready(second, name + "-snap", vol.volume_id)
+        local = snap.snapshot_id.split(":", 1)[1]
+        copy = nfs_server.export_dir / ".berth" / "snapshots" / local / "data"
+        assert copy.read_bytes() == payload
+        assert not any(p.name.startswith("snap-") for p in
+                       (nfs_server.export_dir / ".berth" / "tmp").iterdir())
+        second.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+        second.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    finally:
+        second.stop()
+
+
+def test_kill_before_record_then_retry(nfs_server: NfsServer, tmp_path: Path,
+                                       name: str) -> None:
+    (tmp_path / "a").mkdir()
+    first = start_nfs_driver(nfs_server, tmp_path / "a",
+                             env={"BERTH_FAULTS": "nfs-create-volume"})
+    with pytest.raises(grpc.RpcError):
+        create(first, name)
+    assert first.proc.wait(10) == -9
+    (tmp_path / "b").mkdir()
+    second = start_nfs_driver(nfs_server, tmp_path / "b")
+    try:
+        vol = create(second, name)
+        assert (nfs_server.export_dir / name).is_dir()
+        second.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+        assert not (nfs_server.export_dir / name).exists()
+    finally:
+        second.stop()
+
+
+def test_export_errors(nfs_server: NfsServer, tmp_path: Path, name: str) -> None:
+    driver = start_nfs_driver(nfs_server, tmp_path, {
+        "squashed": nfs_backend(nfs_server, share="/denied"),
+        "nowhere": nfs_backend(nfs_server, share="/no-such-export"),
+        "unknown": nfs_backend(nfs_server, server="nfs.invalid"),
+    })
+    # The code, and the server's own answer in the message.
+    cases = {
+        "squashed": (grpc.StatusCode.PERMISSION_DENIED, "NFS3ERR_ACCES"),  # squashed to nobody
+        "nowhere": (grpc.StatusCode.NOT_FOUND, "NFS4ERR_NOENT"),  # no such export
+        "unknown": (grpc.StatusCode.INVALID_ARGUMENT, "nfs.invalid"),  # does not resolve
+    }
+    try:
+        for backend, (code, words) in cases.items():
+            with pytest.raises(grpc.RpcError) as err:
+                create(driver, name, backend=backend)
+            assert err.value.code() == code, (backend, err.value.details())
+            assert words in err.value.details() and "Traceback" not in err.value.details()
+    finally:
+        driver.stop()
+
+
+def test_server_down_is_unavailable_in_bounded_time(nfs_server: NfsServer, tmp_path: Path,
+                                                    name: str) -> None:
+    driver = start_nfs_driver(nfs_server, tmp_path)
+    try:
+        vol = create(driver, name)
+        nfs_server.stop_ganesha()
+        try:
+            started = time.monotonic()
+            assert status_of(lambda: create(driver, name + "-2")) == grpc.StatusCode.UNAVAILABLE
+            assert not driver.identity.Probe(pb.ProbeRequest(), timeout=30).ready.value
+            assert time.monotonic() - started < 15  # timeoutSeconds is 5
+        finally:
+            nfs_server.start()
+        driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    finally:
+        driver.stop()
+
+
+def test_config_rejects_bad_share(tmp_path: Path, nfs_server: NfsServer) -> None:
+    config = write_config(tmp_path / "c.yaml", {"x": nfs_backend(nfs_server, share="export")})
+    done = subprocess.run([sys.executable, "-m", "csi_driver", "--config", str(config),
+                           "--endpoint", f"unix://{tmp_path}/s.sock"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "backends.x.share" in done.stderr
