@@ -36,8 +36,8 @@ if TYPE_CHECKING:  # imported when used: it puts the repo root on sys.path for t
 
 IDLE_SETTLE_S = 0.5  # let start-up allocations finish before the idle RSS reading
 ALIASES = {"clone": "snapshot", "create": "create-delete", "delete": "create-delete"}
-BACKENDS = ("hostpath", "rbd")
-DEFAULT_OUT = {"hostpath": "latest.json", "rbd": "rbd-latest.json"}
+BACKENDS = ("hostpath", "rbd", "nfs")
+DEFAULT_OUT = {"hostpath": "latest.json", "rbd": "rbd-latest.json", "nfs": "nfs-latest.json"}
 HOSTPATH_ONLY = ("fs", "image_gib", "data_path", "fill_mib")
 DEFAULT_IMAGE_GIB = 8
 
@@ -57,8 +57,9 @@ def bind(scenarios: Mapping[str, Callable[[Ops, P, bytes], list[Measurement]]], 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run", description="Benchmark the Berth CSI driver.")
     p.add_argument("--backend", choices=BACKENDS, default="hostpath",
-                   help="hostpath (default), or rbd: Ceph RBD on a single-node Ceph cluster "
-                        "that the run starts and stops (hostpath-only options are refused)")
+                   help="hostpath (default); rbd: Ceph RBD on a single-node Ceph cluster, "
+                        "nfs: NFS-Ganesha, each started and stopped by the run "
+                        "(hostpath-only options are refused)")
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run of seconds")
     p.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)} "
                                   "(clone is an alias of snapshot); with --backend rbd: "
@@ -230,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.backend == "rbd":
         return main_rbd(args)
+    if args.backend == "nfs":
+        from .nfs import main_nfs
+
+        return main_nfs(args)
     plan = (QUICK_PLAN if args.quick else DEFAULT_PLAN).scaled(args.n)
     if args.fill_mib:
         plan = replace(plan, fill_mib=args.fill_mib)

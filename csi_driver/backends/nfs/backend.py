@@ -132,16 +132,23 @@ class NfsBackend(Backend):
         if not self._ready:
             self.probe()
 
+    def _connect(self) -> Connection:
+        """A connection of its own, for long work that should not hold a pooled one."""
+        return Connection(self.config.server, self.config.share, self.config.controllerVersion,
+                          self.config.timeoutSeconds)
+
     def _purger(self) -> None:
         """Empty the trash in the background: a delete of a million files is one rename."""
+        conn: Connection | None = None
         while True:
             try:
-                with Connection(self.config.server, self.config.share,
-                                self.config.controllerVersion, self.config.timeoutSeconds) as c:
-                    for name, _ in c.listdir(share.TRASH):
-                        remove_tree(c, f"{share.TRASH}/{name}")
+                conn = conn or self._connect()
+                for name, _ in conn.listdir(share.TRASH):
+                    remove_tree(conn, f"{share.TRASH}/{name}")
             except NfsError:
-                pass  # the server is away; the next round retries
+                if conn is not None:  # the server is away: reconnect next round
+                    conn.close()
+                    conn = None
             self._purge.wait(300)
             self._purge.clear()
 
@@ -198,12 +205,20 @@ class NfsBackend(Backend):
             parent = os.path.dirname(path)
             if parent != "/":
                 conn.makedirs(parent, 0o755)
-            if source_path:
-                if conn.exists(path):
+            pending = f"{share.VOLUMES}/{local_id}.pending"
+            if source_path and self.jobs.get(f"vol-{local_id}") is None:
+                # Our own finished copy (the process died before the record) is adopted;
+                # anything else in the way is somebody's data.
+                ours = (share.read_json(conn, pending) or {}).get("name") == request.name
+                if conn.exists(path) and not ours:
                     raise errors.AlreadyExists(
                         f"{sub_dir} already holds data (a retained volume?); a volume made from "
                         "a snapshot or a volume needs an empty place: choose another subDir")
-            else:
+                if not ours:
+                    share.write_json(conn, pending, {"name": request.name})
+                if conn.exists(path):
+                    source_path = ""
+            elif not source_path:
                 self._make_directory(conn, path, settings)
         if source_path:
             self._wait_copy(f"vol-{local_id}", source_path, path,
@@ -222,6 +237,8 @@ class NfsBackend(Backend):
         with self._conn() as conn:
             faults.point("nfs-create-volume")
             share.save_volume(conn, local_id, rec)
+            if request.source:
+                share.remove(conn, f"{share.VOLUMES}/{local_id}.pending")
         return self._volume(local_id, rec)
 
     @staticmethod
@@ -277,10 +294,9 @@ class NfsBackend(Backend):
             return job.cancel.is_set()
 
         progress.cancelled = stop
-        with Connection(self.config.server, self.config.share, self.config.controllerVersion,
-                        self.config.timeoutSeconds) as conn:
+        with self._connect() as conn:
             remove_tree(conn, tmp)
-            copy_tree(conn, src, tmp, progress)
+            copy_tree(self._connect, src, tmp, progress, self.config.copyWorkers)
             parent = os.path.dirname(dst)
             if parent != "/":
                 conn.makedirs(parent, 0o755)

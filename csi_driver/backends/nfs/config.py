@@ -72,3 +72,5 @@ class NfsConfig(BackendConfig):
     timeoutSeconds: int = field(default=10, metadata={"convert": _positive})
     # How long CreateVolume/CreateSnapshot wait for a copy before answering "in progress".
     copyWaitSeconds: int = field(default=5, metadata={"convert": _positive})
+    # Connections that copy files at once in a snapshot, restore or clone.
+    copyWorkers: int = field(default=4, metadata={"convert": _positive})

@@ -343,7 +343,7 @@ class Pool:
     """Idle connections to one export, reused across RPCs (a mount costs ~2 ms)."""
 
     def __init__(self, server: str, export: str, version: int, timeout: float,
-                 keep: int = 8) -> None:
+                 keep: int = 16) -> None:
         self.server, self.export, self.version, self.timeout = server, export, version, timeout
         self._idle: queue.LifoQueue[Connection] = queue.LifoQueue(maxsize=keep)
         self._lock = threading.Lock()

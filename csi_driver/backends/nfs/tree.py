@@ -12,12 +12,14 @@ import ctypes
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .libnfs import Connection, NfsError
+from .libnfs import Connection, NfsError, Stat
 
 _PIECE = 64 << 10
+_ZEROS = bytes(_PIECE)
 
 
 @dataclass
@@ -31,53 +33,93 @@ class Cancelled(Exception):
     pass
 
 
-def copy_tree(conn: Connection, src: str, dst: str, progress: Progress | None = None) -> None:
-    """Copy directory `src` to `dst` (which must not exist) with everything in it."""
+def copy_tree(connect: Callable[[], Connection], src: str, dst: str,
+              progress: Progress | None = None, workers: int = 4) -> None:
+    """Copy directory `src` to `dst` (which must not exist) with everything in it.
+
+    One connection walks the tree and makes the directories; `workers` more copy the files, since
+    a file costs about ten round trips and a single connection would spend its time waiting.
+    """
     progress = progress or Progress()
-    links: dict[int, str] = {}  # source inode -> first copy, for files with several names
-    buf = ctypes.create_string_buffer(conn.readmax)
-    zeros = bytes(_PIECE)
-    dirs: list[tuple[str, int, int]] = []  # directories whose times are set last
+    walker = connect()
+    try:
+        files: list[tuple[str, str, Stat]] = []
+        links: list[tuple[str, str]] = []  # (first copy, further name) of hard-linked files
+        first_name: dict[int, str] = {}
+        dirs: list[tuple[str, Stat]] = []
 
-    def copy_dir(s: str, d: str) -> None:
-        st = conn.lstat(s)
-        conn.mkdir(d, 0o700)
-        for name, _mode in conn.listdir(s):
-            if progress.cancelled():
-                raise Cancelled
-            copy_entry(f"{s}/{name}", f"{d}/{name}")
+        def walk(s: str, d: str) -> None:
+            st = walker.lstat(s)
+            walker.mkdir(d, 0o700)
+            dirs.append((d, st))
+            for name, mode in walker.listdir(s):
+                if progress.cancelled():
+                    raise Cancelled
+                cs, cd = f"{s}/{name}", f"{d}/{name}"
+                if stat.S_ISDIR(mode):
+                    walk(cs, cd)
+                    continue
+                est = walker.lstat(cs)
+                if stat.S_ISREG(est.mode) and est.nlink > 1:
+                    if est.ino in first_name:
+                        links.append((first_name[est.ino], cd))
+                        continue
+                    first_name[est.ino] = cd
+                if stat.S_ISREG(est.mode) or stat.S_ISLNK(est.mode):
+                    files.append((cs, cd, est))
+                # sockets, fifos and devices have no place on a volume copy
+
+        walk(src, dst)
+        _parallel(connect, files, workers, progress)
+        for target, name in links:
+            walker.link(target, name)
+        for d, st in reversed(dirs):  # children first: their creation changed the parents' times
+            walker.lchown(d, st.uid, st.gid)
+            walker.chmod(d, stat.S_IMODE(st.mode))
+            walker.lutimes(d, st.atime_ns, st.mtime_ns)
+    finally:
+        walker.close()
+
+
+def _parallel(connect: Callable[[], Connection], files: list[tuple[str, str, Stat]],
+              workers: int, progress: Progress) -> None:
+    lock = threading.Lock()
+    queue = iter(files)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with connect() as conn:
+                buf = ctypes.create_string_buffer(conn.readmax)
+                while not failure:
+                    with lock:
+                        item = next(queue, None)
+                    if item is None:
+                        return
+                    _copy_one(conn, *item, buf, progress)
+        except BaseException as exc:
+            failure.append(exc)
+
+    threads = [threading.Thread(target=work, daemon=True)
+               for _ in range(max(1, min(workers, len(files))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failure:
+        raise failure[0]
+
+
+def _copy_one(conn: Connection, s: str, d: str, st: Stat, buf: ctypes.Array[ctypes.c_char],
+              progress: Progress) -> None:
+    if stat.S_ISLNK(st.mode):
+        conn.symlink(conn.readlink(s), d)
         conn.lchown(d, st.uid, st.gid)
-        conn.chmod(d, stat.S_IMODE(st.mode))
-        dirs.append((d, st.atime_ns, st.mtime_ns))
-
-    def copy_entry(s: str, d: str) -> None:
-        st = conn.lstat(s)
-        if stat.S_ISDIR(st.mode):
-            copy_dir(s, d)
-            return
-        if stat.S_ISREG(st.mode) and st.nlink > 1 and st.ino in links:
-            conn.link(links[st.ino], d)
-            return
-        if stat.S_ISLNK(st.mode):
-            conn.symlink(conn.readlink(s), d)
-        elif stat.S_ISREG(st.mode):
-            copy_file(s, d, st.size)
-            conn.lchown(d, st.uid, st.gid)
-            conn.chmod(d, stat.S_IMODE(st.mode))  # after chown, which may clear set-id bits
-            if st.nlink > 1:
-                links[st.ino] = d
-        else:
-            return  # sockets, fifos and devices have no place on a volume copy
-        if stat.S_ISLNK(st.mode):
-            conn.lchown(d, st.uid, st.gid)
-        conn.lutimes(d, st.atime_ns, st.mtime_ns)
-        progress.files += 1
-
-    def copy_file(s: str, d: str, size: int) -> None:
+    else:
         with conn.open(s, os.O_RDONLY) as fin, \
                 conn.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) as fout:
             offset = 0
-            while offset < size:
+            while offset < st.size:
                 if progress.cancelled():
                     raise Cancelled
                 n = conn.pread(fin, offset, buf)
@@ -87,15 +129,16 @@ def copy_tree(conn: Connection, src: str, dst: str, progress: Progress | None = 
                 # Write only the 64 KiB pieces that hold data: zero pieces stay holes.
                 for at in range(0, n, _PIECE):
                     piece = chunk[at:at + _PIECE]
-                    if piece != zeros[:len(piece)]:
+                    if piece != _ZEROS[:len(piece)]:
                         conn.pwrite(fout, offset + at, piece)
                 offset += n
                 progress.bytes += n
-            conn.ftruncate(fout, size)
-
-    copy_dir(src, dst)
-    for d, atime, mtime in reversed(dirs):  # children first, so their writes are done
-        conn.lutimes(d, atime, mtime)
+            if offset != st.size or st.blocks * 512 < st.size:
+                conn.ftruncate(fout, st.size)  # a hole at the end, or the file shrank meanwhile
+        conn.lchown(d, st.uid, st.gid)
+        conn.chmod(d, stat.S_IMODE(st.mode))  # after chown, which may clear set-id bits
+    conn.lutimes(d, st.atime_ns, st.mtime_ns)
+    progress.files += 1
 
 
 def remove_tree(conn: Connection, path: str) -> None:
