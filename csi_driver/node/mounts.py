@@ -212,11 +212,31 @@ def unmount(target: str, wait: float = 10.0) -> bool:
 
     try:
         return bounded.call(f"umount:{target}", _unmount_all, target, timeout=wait)
+    except FailedPrecondition:
+        # Busy: by a user, or by our own call stuck on a filesystem that no longer answers.
+        try:
+            bounded.call(f"probe:{target}", touch_open, target, timeout=min(wait, 2.0))
+        except Unavailable:
+            pass
+        except OSError:
+            raise
+        else:
+            raise
+        did = False
+        while _libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
+            did = True
+        return did
     except Unavailable:
         did = False
         while _libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
             did = True
         return did
+
+
+def touch_open(path: str) -> None:
+    """Open and close `path`: unlike stat, which NFS answers from its attribute cache for up to
+    a minute, an open revalidates with the server (close-to-open), so ESTALE shows at once."""
+    os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
 
 
 def same_object(a: str, b: str) -> bool:

@@ -52,7 +52,7 @@ def _stale(path: str) -> bool:
     """Whether the filesystem at `path` answers ESTALE (its directory was replaced on the
     server); a path that does not answer at all counts as not stale here."""
     try:
-        bounded.call(f"stale:{path}", os.stat, path, timeout=STATS_WAIT)
+        bounded.call(f"stale:{path}", mounts.touch_open, path, timeout=STATS_WAIT)
     except OSError as exc:
         return exc.errno == errno.ESTALE
     except errors.Unavailable:

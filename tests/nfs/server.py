@@ -92,12 +92,13 @@ class NfsServer:
         if self.rpcbind is None or self.rpcbind.poll() is not None:
             script = "mount -t tmpfs berth-run /run && exec rpcbind -f -w"
             self.rpcbind = subprocess.Popen(
-                self.in_netns(["unshare", "--mount", "--propagation", "private",
-                               "sh", "-c", script]),
+                # The parent-death signal ends it with the test process, however that ends.
+                ["setpriv", "--pdeathsig", "KILL", *self.in_netns(
+                    ["unshare", "--mount", "--propagation", "private", "sh", "-c", script])],
                 stdout=subprocess.DEVNULL, stderr=open(self.base / "rpcbind.err", "ab"),  # noqa: SIM115
                 start_new_session=True,
             )
-        # ip, unshare and sh all exec: the Popen becomes rpcbind once the chain is done.
+        # setpriv, ip, unshare and sh all exec: the Popen becomes rpcbind once they are done.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.rpcbind.poll() is not None:
@@ -116,7 +117,7 @@ class NfsServer:
         pid = self._start_rpcbind()
         # -F: foreground, so the Popen is Ganesha itself and `stop` can wait for it.
         self.ganesha = subprocess.Popen(
-            ["nsenter", f"--target={pid}", "--mount", "--net",
+            ["setpriv", "--pdeathsig", "KILL", "nsenter", f"--target={pid}", "--mount", "--net",
              "ganesha.nfsd", "-F", "-f", f"{self.base}/ganesha.conf",
              "-L", f"{self.base}/ganesha.log", "-p", f"{self.base}/ganesha.pid"],
             stdout=subprocess.DEVNULL, stderr=open(self.base / "start.err", "ab"),  # noqa: SIM115

@@ -454,7 +454,7 @@ class NfsBackend(Backend):
 
     def node_condition(self, local_id: str, volume_path: str) -> Condition:
         try:
-            bounded.call(f"stat:{volume_path}", os.stat, volume_path,
+            bounded.call(f"open:{volume_path}", mounts.touch_open, volume_path,
                          timeout=self.config.timeoutSeconds)
         except errors.Unavailable as exc:
             return Condition(True, str(exc))

@@ -41,7 +41,7 @@ def mount_nfs(server: str, path: str, target: str, version: str, options: list[s
     low = message.lower()
     if "permission denied" in low:
         raise errors.PermissionDenied(f"server {server} refused to mount {path}: {message}")
-    if "no such file" in low:
+    if "no such file" in low or "does not exist" in low:
         raise errors.NotFound(f"server {server} has no {path}: {message}")
     if any(s in low for s in ("refused", "timed out", "unreachable", "no route")):
         raise errors.Unavailable(f"NFS server {server} is not reachable: {message}")

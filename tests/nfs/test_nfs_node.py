@@ -1,0 +1,191 @@
+"""NFS node service inside a User-Mode Linux guest, whose real kernel NFS client mounts the real
+Ganesha: data written on one side is read on the other; stale handles, a restarted and a stopped
+server."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from csi_driver.csi import csi_pb2 as pb
+from csi_driver.csi import csi_pb2_grpc as pb_grpc
+
+from ..harness import Driver, MiB, mount_cap, write_config
+from .guest import Guest, missing, start_guest
+from .server import NfsServer
+
+Mode = pb.VolumeCapability.AccessMode.Mode
+
+
+@pytest.fixture(scope="module")
+def guest(nfs_server: NfsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    lacking = missing()
+    if lacking:
+        pytest.fail(f"UML packages missing: {' '.join(lacking)}; run scripts/install-nfs",
+                    pytrace=False)
+    work = tmp_path_factory.mktemp("uml")
+    config = write_config(work / "node.yaml", {"nfs": {
+        "type": "nfs", "server": nfs_server.address, "share": "/export", "timeoutSeconds": 5}})
+    running = start_guest(work, nfs_server.netns,
+                          ["--node-id", "uml-node", "--config", str(config), "--mode", "node"])
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def node(guest: Guest) -> Iterator[pb_grpc.NodeStub]:
+    with grpc.insecure_channel(f"unix://{guest.driver_socket}") as channel:
+        yield pb_grpc.NodeStub(channel)
+
+
+class Published:
+    """A volume made by the controller, staged and published by the node in the guest."""
+
+    def __init__(self, controller: Driver, node: pb_grpc.NodeStub, guest: Guest, name: str,
+                 mode: int = Mode.MULTI_NODE_MULTI_WRITER, readonly: bool = False,
+                 **params: str) -> None:
+        self.node, self.guest = node, guest
+        self.volume = controller.controller.CreateVolume(pb.CreateVolumeRequest(
+            name=name, capacity_range=pb.CapacityRange(required_bytes=10 * MiB),
+            volume_capabilities=[mount_cap(mode)], parameters={"backend": "nfs", **params}),
+            timeout=30).volume
+        self.cap = mount_cap(mode)
+        self.staging, self.target = f"/mnt/{name}/staging", f"/mnt/{name}/target"
+        self.readonly = readonly
+        assert guest.run(["mkdir", "-p", self.staging]).returncode == 0
+        started = time.monotonic()
+        node.NodeStageVolume(pb.NodeStageVolumeRequest(
+            volume_id=self.volume.volume_id, staging_target_path=self.staging,
+            volume_capability=self.cap, volume_context=self.volume.volume_context), timeout=60)
+        self.stage_s = time.monotonic() - started
+        started = time.monotonic()
+        self.publish()
+        self.publish_s = time.monotonic() - started
+
+    def publish(self) -> None:
+        self.node.NodePublishVolume(pb.NodePublishVolumeRequest(
+            volume_id=self.volume.volume_id, staging_target_path=self.staging,
+            target_path=self.target, volume_capability=self.cap, readonly=self.readonly,
+            volume_context=self.volume.volume_context), timeout=60)
+
+    def sh(self, script: str) -> str:
+        done = self.guest.run(["sh", "-c", script], timeout=30)
+        assert done.returncode == 0, (script, done.stdout, done.stderr)
+        return done.stdout
+
+    def stats(self) -> pb.NodeGetVolumeStatsResponse:
+        return self.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
+            volume_id=self.volume.volume_id, volume_path=self.target), timeout=60)
+
+    def teardown(self, controller: Driver) -> None:
+        self.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
+            volume_id=self.volume.volume_id, target_path=self.target), timeout=60)
+        self.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+            volume_id=self.volume.volume_id, staging_target_path=self.staging), timeout=60)
+        assert self.volume.volume_context["subDir"] not in self.sh("cat /proc/self/mountinfo")
+        controller.controller.DeleteVolume(pb.DeleteVolumeRequest(
+            volume_id=self.volume.volume_id), timeout=30)
+
+
+@pytest.mark.parametrize("version", ["4.1", "4.2", "3"])
+def test_lifecycle_moves_data_both_ways(nfs_driver: Driver, nfs_server: NfsServer,
+                                        node: pb_grpc.NodeStub, guest: Guest, name: str,
+                                        version: str) -> None:
+    params = {"nfsVersion": version, **({"mountOptions": "nolock"} if version == "3" else {})}
+    vol = Published(nfs_driver, node, guest, name, **params)
+    print(f"\nNFS v{version}: NodeStage {vol.stage_s * 1000:.0f} ms, "
+          f"NodePublish {vol.publish_s * 1000:.0f} ms")
+    mounted = vol.sh(f"grep ' {vol.staging} ' /proc/self/mountinfo")
+    assert f"vers={version}" in mounted and f"{nfs_server.address}:/export/{name}" in mounted
+    vol.sh(f"echo from-the-pod > {vol.target}/pod.txt")
+    on_server = nfs_server.export_dir / name
+    assert (on_server / "pod.txt").read_text() == "from-the-pod\n"
+    (on_server / "server.txt").write_text("from-the-server")
+    assert vol.sh(f"cat {vol.target}/server.txt") == "from-the-server"
+    vol.publish()  # repeated: nothing changes
+    stats = vol.stats()
+    assert not stats.volume_condition.abnormal
+    assert stats.usage[0].total > 0
+    vol.teardown(nfs_driver)
+    assert not on_server.exists()
+
+
+def test_read_only_publish(nfs_driver: Driver, nfs_server: NfsServer, node: pb_grpc.NodeStub,
+                           guest: Guest, name: str) -> None:
+    vol = Published(nfs_driver, node, guest, name, readonly=True)
+    (nfs_server.export_dir / name / "seen").write_text("yes")
+    assert vol.sh(f"cat {vol.target}/seen") == "yes"
+    done = guest.run(["sh", "-c", f"echo no > {vol.target}/written"])
+    assert done.returncode != 0 and "Read-only file system" in done.stderr
+    vol.teardown(nfs_driver)
+
+
+def test_stale_handle_is_remounted(nfs_driver: Driver, nfs_server: NfsServer,
+                                   node: pb_grpc.NodeStub, guest: Guest, name: str) -> None:
+    vol = Published(nfs_driver, node, guest, name)
+    place = nfs_server.export_dir / name
+    (place / "old").write_text("old")
+    assert vol.sh(f"cat {vol.target}/old") == "old"
+    # A Ganesha restart alone keeps handles valid: the mount goes on working.
+    nfs_server.restart()
+    assert vol.sh(f"cat {vol.target}/old") == "old"
+    # The directory replaced on the server: the mount's handle now points at nothing.
+    shutil.rmtree(place)
+    place.mkdir(mode=0o777)
+    (place / "new").write_text("new")
+    stale = guest.run(["ls", vol.target])  # stat alone may answer from the attribute cache
+    assert stale.returncode != 0 and "Stale file handle" in stale.stderr
+    condition = vol.stats().volume_condition
+    assert condition.abnormal and "stale" in condition.message.lower()
+    vol.publish()  # kubelet's next publish: the driver remounts instead of failing
+    assert vol.sh(f"cat {vol.target}/new") == "new"
+    assert not vol.stats().volume_condition.abnormal
+    vol.teardown(nfs_driver)
+
+
+def test_server_gone_unpublish_does_not_hang(nfs_driver: Driver, nfs_server: NfsServer,
+                                             node: pb_grpc.NodeStub, guest: Guest,
+                                             name: str) -> None:
+    vol = Published(nfs_driver, node, guest, name)
+    vol.sh(f"ls {vol.target}")
+    nfs_server.stop_ganesha()
+    try:
+        started = time.monotonic()
+        condition = vol.stats().volume_condition
+        assert condition.abnormal and "answer" in condition.message
+        assert time.monotonic() - started < 20
+        started = time.monotonic()
+        node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
+            volume_id=vol.volume.volume_id, target_path=vol.target), timeout=60)
+        node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+            volume_id=vol.volume.volume_id, staging_target_path=vol.staging), timeout=60)
+        took = time.monotonic() - started
+        print(f"\nunpublish + unstage with the server gone: {took:.1f} s")
+        assert took < 30
+        assert f"/export/{name}" not in vol.sh("cat /proc/self/mountinfo")
+    finally:
+        nfs_server.start()
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume.volume_id))
+
+
+def test_unknown_export_at_stage(nfs_driver: Driver, node: pb_grpc.NodeStub, guest: Guest,
+                                 name: str) -> None:
+    vol = Published(nfs_driver, node, guest, name)
+    staging = f"/mnt/{name}/other"
+    assert guest.run(["mkdir", "-p", staging]).returncode == 0
+    context = {**vol.volume.volume_context, "share": "/no-such-export"}
+    with pytest.raises(grpc.RpcError) as err:
+        node.NodeStageVolume(pb.NodeStageVolumeRequest(
+            volume_id=vol.volume.volume_id, staging_target_path=staging,
+            volume_capability=vol.cap, volume_context=context), timeout=60)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
+    vol.teardown(nfs_driver)
+
+
+def test_guest_driver_log_has_no_traceback(guest: Guest) -> None:
+    assert "Traceback" not in guest.driver_log()
+
