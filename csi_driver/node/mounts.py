@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 from dataclasses import dataclass
 
 from ..errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
@@ -187,11 +188,15 @@ def bind(source: str, target: str, flags: int = 0) -> None:
             raise
 
 
-def _unmount_all(target: str) -> bool:
+def _unmount_all(target: str, given_up: threading.Event | None = None) -> bool:
     did = False
     while True:
         if _libc.umount2(os.fsencode(target), UMOUNT_NOFOLLOW) == 0:
             did = True
+            # A call that returns after its caller gave up must not go on to unmount whatever
+            # has been mounted at the path since (a re-staged volume, a new publish).
+            if given_up is not None and given_up.is_set():
+                return did
             continue
         err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOENT):
@@ -210,16 +215,16 @@ def unmount(target: str, wait: float = 10.0) -> bool:
     """
     from . import bounded  # local: bounded imports errors only, but keep mounts import-light
 
+    given_up = threading.Event()
     try:
-        return bounded.call(f"umount:{target}", _unmount_all, target, timeout=wait)
+        return bounded.call(f"umount:{target}", _unmount_all, target, given_up, timeout=wait)
     except FailedPrecondition:
-        # Busy: by a user, or by our own call stuck on a filesystem that no longer answers.
+        # Busy: by a user, or by our own call stuck on a filesystem that no longer answers (or
+        # answers ESTALE): only a healthy filesystem's busy mount is the caller's problem.
         try:
             bounded.call(f"probe:{target}", touch_open, target, timeout=min(wait, 2.0))
-        except Unavailable:
+        except (Unavailable, OSError):
             pass
-        except OSError:
-            raise
         else:
             raise
         did = False
@@ -227,6 +232,7 @@ def unmount(target: str, wait: float = 10.0) -> bool:
             did = True
         return did
     except Unavailable:
+        given_up.set()
         did = False
         while _libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
             did = True

@@ -64,7 +64,9 @@ def tree(root: Path) -> dict[str, tuple[object, ...]]:
         if stat.S_ISLNK(st.st_mode):
             extra = os.readlink(path)
         elif stat.S_ISREG(st.st_mode):
-            extra = (path.read_bytes(), st.st_blocks * 512 < st.st_size, st.st_nlink,
+            # Holes must stay holes; zeros may become holes (as cp --sparse=always).
+            holes = path.name == "sparse" and st.st_blocks * 512 < st.st_size
+            extra = (path.read_bytes(), holes, st.st_nlink,
                      inodes.setdefault(st.st_ino, rel))
         mtime = None if stat.S_ISLNK(st.st_mode) else st.st_mtime_ns // 1000
         out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, mtime, extra)
@@ -83,6 +85,8 @@ def fill(root: Path) -> None:
         f.truncate(64 * MiB)
         f.seek(32 * MiB)
         f.write(b"middle")
+    # Written in full, ending in zeros: the copy must keep its length, not just its data.
+    (root / "zero-tail").write_bytes(b"x" + bytes(300_000))
     os.chmod(root / "dir", 0o2750)
     os.utime(root / "dir", ns=(1_000_000_000_000_000_000, 1_000_000_000_123_456_789))
 
@@ -140,6 +144,23 @@ def test_subdir_template_retain_and_archive(nfs_driver: Driver, nfs_server: NfsS
     vol = create(nfs_driver, name + "-new", backend="tree", onDelete="retain", **meta)
     assert (place / "keep").read_text() == "again"
     nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+
+
+def test_retried_delete_spares_the_next_volume_of_the_same_subdir(
+        nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:
+    """A PVC deleted and created again renders the same subDir; the provisioner retrying the
+    first DeleteVolume (its answer lost) must not delete the new volume's data."""
+    meta = {K8S + "pvc/name": "again", K8S + "pvc/namespace": f"ns-{name}"[:60]}
+    old = create(nfs_driver, name, backend="tree", onDelete="delete", **meta)
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=old.volume_id))
+    new = create(nfs_driver, name + "-2", backend="tree", onDelete="delete", **meta)
+    assert new.volume_id != old.volume_id
+    place = nfs_server.export_dir / meta[K8S + "pvc/namespace"] / "again"
+    (place / "new-data").write_text("keep me")
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=old.volume_id))
+    assert (place / "new-data").read_text() == "keep me"
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=new.volume_id))
+    assert not place.exists()
 
 
 def test_directory_mode_and_owner(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:

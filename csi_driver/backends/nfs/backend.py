@@ -39,12 +39,14 @@ from .config import ON_DELETE, NfsConfig, parse_mode
 from .jobs import Job, Jobs
 from .libnfs import Connection, NfsError, Pool
 from .mount import mount_nfs
-from .tree import copy_tree, remove_tree
+from .tree import Cancelled, copy_tree, remove_tree
 
 PARAMETERS = frozenset({"subDir", "onDelete", "mountPermissions", "uid", "gid", "mountOptions",
                         "nfsVersion"})
+# libnfs reports a call that timed out as EINTR ("Command timed out").
 _UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
-                          errno.ENETUNREACH, errno.ECONNRESET, errno.EPIPE, errno.EIO})
+                          errno.ENETUNREACH, errno.ECONNRESET, errno.EPIPE, errno.EIO,
+                          errno.EINTR})
 
 
 class NfsBackend(Backend):
@@ -192,14 +194,12 @@ class NfsBackend(Backend):
         settings = self._settings(request.parameters)
         sub_dir = share.render_sub_dir(settings["subDir"], dict(request.parameters),
                                        request.name)
-        local_id = ids.local_id_for_name(sub_dir)
+        local_id = ids.local_id_for_name(request.name)
         with self._conn() as conn:
             rec = share.volume_record(conn, local_id)
             if rec is not None:
-                if rec.name != request.name:
-                    raise errors.AlreadyExists(
-                        f"subDir {sub_dir!r} already belongs to volume {rec.name!r}")
-                return self._volume(local_id, rec)
+                return self._volume(local_id, rec)  # the service compares what was asked
+            share.claim(conn, sub_dir, request.name, local_id)
             path = f"/{sub_dir}"
             source_path = self._source_path(conn, request.source) if request.source else ""
             parent = os.path.dirname(path)
@@ -300,6 +300,8 @@ class NfsBackend(Backend):
             parent = os.path.dirname(dst)
             if parent != "/":
                 conn.makedirs(parent, 0o755)
+            if job.cancel.is_set():  # deleted meanwhile: the copy must not appear after all
+                raise Cancelled
             conn.rename(tmp, dst)
 
     def delete_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
@@ -322,6 +324,7 @@ class NfsBackend(Backend):
                     if exc.errno != errno.ENOENT:
                         raise
             faults.point("nfs-delete-volume")
+            share.release(conn, rec.sub_dir, rec.name)
             share.remove(conn, f"{share.VOLUMES}/{local_id}.json")
 
     def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None:
@@ -400,7 +403,9 @@ class NfsBackend(Backend):
 
     def delete_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
         self._started()
-        self.jobs.cancel(f"snap-{local_id}", wait=self.config.timeoutSeconds)
+        if not self.jobs.cancel(f"snap-{local_id}", wait=self.config.timeoutSeconds):
+            raise errors.Aborted(f"the copy of snapshot {self.name}:{local_id} is still "
+                                 "stopping; retry the delete")
         with self._conn() as conn:
             share.to_trash(conn, f"{share.SNAPSHOTS}/{local_id}")
             share.to_trash(conn, f"{share.TMP}/snap-{local_id}")

@@ -58,9 +58,13 @@ class Jobs:
         with self._lock:
             self._jobs.pop(key, None)
 
-    def cancel(self, key: str, wait: float) -> None:
+    def cancel(self, key: str, wait: float) -> bool:
+        """Stop the job for `key`; False when it is still running after `wait` seconds."""
         job = self.get(key)
-        if job is not None:
-            job.cancel.set()
-            job.done.wait(wait)
-            self.forget(key)
+        if job is None:
+            return True
+        job.cancel.set()
+        if not job.done.wait(wait):
+            return False
+        self.forget(key)
+        return True

@@ -153,9 +153,13 @@ class Connection:
         # Every synchronous call gives up after `timeout`; one reconnect attempt, not forever.
         _lib.nfs_set_timeout(ctx, int(timeout * 1000))
         _lib.nfs_set_autoreconnect(ctx, 1)
-        self._check(_lib.nfs_set_version(ctx, version), f"NFS version {version}")
-        self._check(_lib.nfs_mount(ctx, server.encode(), export.encode()),
-                    f"mount of {server}:{export}")
+        try:
+            self._check(_lib.nfs_set_version(ctx, version), f"NFS version {version}")
+            self._check(_lib.nfs_mount(ctx, server.encode(), export.encode()),
+                        f"mount of {server}:{export}")
+        except NfsError:
+            self.close()  # its socket and memory, or every failed RPC would leak one
+            raise
         self.readmax = min(int(_lib.nfs_get_readmax(ctx)), int(_lib.nfs_get_writemax(ctx)),
                            1 << 20) or 1 << 20
 

@@ -2,14 +2,17 @@
 
   <subDir>/                   a volume's files, where the subDir template puts them
   .berth/volumes/<id>.json    a volume's record (written last on create, removed last on delete)
+  .berth/volumes/<id>.pending a create from a source whose copy has started
+  .berth/claims/<hash>.json   which volume owns a subDir (so two volumes never share one)
   .berth/snapshots/<id>.json  a snapshot's record, written when its copy starts
   .berth/snapshots/<id>/      the snapshot's copy, renamed into place only once complete
   .berth/tmp/                 copies in progress
   .berth/trash/               deleted directories, purged in the background
 
 The record, not the directory, says a volume exists: a directory without one is data a `retain`
-delete left behind, which a new volume with the same subDir adopts. A volume's ID is derived from
-its subDir, so a retried CreateVolume finds the same record; a snapshot's ID from its name.
+delete left behind, which a new volume with the same subDir adopts. IDs are derived from request
+names, so a retried CreateVolume finds the same record, and a retried DeleteVolume of a deleted
+volume finds nothing even when a new volume now uses the same subDir.
 NFSv3 has no extended attributes, hence the small JSON files beside the data.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import time
 import uuid
@@ -27,7 +31,8 @@ from ... import errors
 from .libnfs import Connection, NfsError
 
 META = "/.berth"
-VOLUMES, SNAPSHOTS, TMP, TRASH = (f"{META}/{d}" for d in ("volumes", "snapshots", "tmp", "trash"))
+VOLUMES, SNAPSHOTS, CLAIMS, TMP, TRASH = (
+    f"{META}/{d}" for d in ("volumes", "snapshots", "claims", "tmp", "trash"))
 
 K8S = "csi.storage.k8s.io/"
 # Template variables and the external-provisioner metadata parameter that fills each.
@@ -94,7 +99,7 @@ def render_sub_dir(template: str, parameters: dict[str, str], volume_name: str) 
 
 
 def prepare(conn: Connection) -> None:
-    for d in (VOLUMES, SNAPSHOTS, TMP, TRASH):
+    for d in (VOLUMES, SNAPSHOTS, CLAIMS, TMP, TRASH):
         conn.makedirs(d, 0o700)
 
 
@@ -154,3 +159,37 @@ def to_trash(conn: Connection, path: str) -> bool:
             return False
         raise
     return True
+
+
+def claim(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
+    """Make volume `name` the owner of `sub_dir`; ALREADY_EXISTS if another volume is. A claim
+    whose owner has neither a record nor a copy under way is left from a create that never
+    finished, and is taken over."""
+    from ... import ids
+
+    path = f"{CLAIMS}/{ids.local_id_for_name(sub_dir)}.json"
+    mine = json.dumps({"name": name, "volume": local_id}).encode()
+    try:
+        with conn.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) as fh:
+            conn.pwrite(fh, 0, mine)
+        return
+    except NfsError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+    owner = read_json(conn, path) or {}
+    if owner.get("name") == name:
+        return
+    other = str(owner.get("volume", ""))
+    if other and (conn.exists(f"{VOLUMES}/{other}.json")
+                  or conn.exists(f"{VOLUMES}/{other}.pending")):
+        raise errors.AlreadyExists(
+            f"subDir {sub_dir!r} already belongs to volume {owner.get('name')!r}")
+    write_json(conn, path, {"name": name, "volume": local_id})
+
+
+def release(conn: Connection, sub_dir: str, name: str) -> None:
+    from ... import ids
+
+    path = f"{CLAIMS}/{ids.local_id_for_name(sub_dir)}.json"
+    if (read_json(conn, path) or {}).get("name") == name:
+        remove(conn, path)

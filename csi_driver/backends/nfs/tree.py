@@ -133,8 +133,8 @@ def _copy_one(conn: Connection, s: str, d: str, st: Stat, buf: ctypes.Array[ctyp
                         conn.pwrite(fout, offset + at, piece)
                 offset += n
                 progress.bytes += n
-            if offset != st.size or st.blocks * 512 < st.size:
-                conn.ftruncate(fout, st.size)  # a hole at the end, or the file shrank meanwhile
+            # Always: zero pieces at the end were not written, and the file may have shrunk.
+            conn.ftruncate(fout, st.size)
         conn.lchown(d, st.uid, st.gid)
         conn.chmod(d, stat.S_IMODE(st.mode))  # after chown, which may clear set-id bits
     conn.lutimes(d, st.atime_ns, st.mtime_ns)
