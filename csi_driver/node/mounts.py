@@ -116,15 +116,20 @@ def entries_naming(text: str, path: str) -> list[MountEntry]:
     return [_parse(line) for line in text.splitlines() if needle in line]
 
 
+def resolve(path: str) -> str:
+    """`path` with its parent's symlinks resolved. Only the parent: resolving `path` itself
+    would stat the mounted filesystem's root, which blocks for ever on an NFS mount whose
+    server is gone."""
+    path = os.path.normpath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
+
+
 def mount_at(path: str, text: str | None = None) -> MountEntry | None:
     """The mount visible at `path` if `path` is a mount point (the top of any stack), else None.
 
     Pass `text` (read_mountinfo()) to reuse one reading across the checks of an RPC.
     """
-    # Only the parent is resolved: resolving `path` itself would stat the mounted filesystem's
-    # root, which blocks for ever on an NFS mount whose server is gone.
-    path = os.path.normpath(path)
-    real = os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
+    real = resolve(path)
     found = None
     for entry in entries_naming(read_mountinfo() if text is None else text, real):
         if entry.mount_point == real:

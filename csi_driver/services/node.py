@@ -42,6 +42,7 @@ def _capability(message: pb.VolumeCapability, backend: Backend) -> Capability:
 
 
 STATS_WAIT = 5.0
+PUBLISH_WAIT = 15.0
 
 
 def _stats(path: str) -> tuple[int, os.statvfs_result]:
@@ -149,8 +150,10 @@ class NodeService(pb_grpc.NodeServicer):
             if cap.access_mode in EXCLUSIVE_MODES and not read_only:
                 self._check_exclusive(text, staged, source, request.target_path)
             flags = mounts.bind_flags(cap.mount_flags, read_only)
-            mounts.ensure_bind(source, request.target_path, flags,
-                               make="file" if cap.block else "dir", text=text)
+            # Bounded: binding (or comparing) a network filesystem whose server is gone blocks.
+            bounded.call(f"publish:{request.target_path}", mounts.ensure_bind, source,
+                         request.target_path, flags, "file" if cap.block else "dir", text,
+                         timeout=PUBLISH_WAIT)
         return pb.NodePublishVolumeResponse()
 
     @staticmethod
@@ -176,7 +179,7 @@ class NodeService(pb_grpc.NodeServicer):
     @staticmethod
     def _check_exclusive(text: str, staged: mounts.MountEntry, source: str, target: str) -> None:
         """Refuse a second writer of a single-writer volume (the spec's FAILED_PRECONDITION)."""
-        real = {os.path.realpath(source), os.path.realpath(target)}
+        real = {mounts.resolve(source), mounts.resolve(target)}
         for entry in mounts.entries_naming(text, staged.root):
             if (entry.device == staged.device and entry.root == staged.root
                     and entry.mount_point not in real and not entry.read_only

@@ -285,7 +285,12 @@ def test_large_snapshot_reports_progress(nfs_driver: Driver, nfs_server: NfsServ
 def test_delete_of_many_files_is_one_rename(nfs_driver: Driver, nfs_server: NfsServer,
                                             name: str) -> None:
     vol = create(nfs_driver, name)
+    neighbour = create(nfs_driver, name + "-neighbour")
+    (nfs_server.export_dir / (name + "-neighbour") / "precious").write_text("x")
     place = nfs_server.export_dir / name
+    # Links out of the volume: the purge must remove them, never what they point at.
+    os.symlink(f"../{name}-neighbour", place / "dir-link")
+    os.symlink("/", place / "root-link")
     for i in range(20):
         d = place / f"d{i}"
         d.mkdir()
@@ -296,6 +301,8 @@ def test_delete_of_many_files_is_one_rename(nfs_driver: Driver, nfs_server: NfsS
                                        timeout=5)
     assert not place.exists()  # gone from sight at once; the 10,000 files go in the background
     wait_for(lambda: not any(trash.iterdir()), timeout=120)
+    assert (nfs_server.export_dir / (name + "-neighbour") / "precious").read_text() == "x"
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=neighbour.volume_id))
 
 
 def test_kill_during_snapshot_copy_then_retry(nfs_server: NfsServer, tmp_path: Path,

@@ -158,6 +158,13 @@ def test_server_gone_unpublish_does_not_hang(nfs_driver: Driver, nfs_server: Nfs
         condition = vol.stats().volume_condition
         assert condition.abnormal and "answer" in condition.message
         assert time.monotonic() - started < 20
+        # kubelet republishing meanwhile gets an answer, and leaves the volume unlocked.
+        started = time.monotonic()
+        try:
+            vol.publish()
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+        assert time.monotonic() - started < 30
         started = time.monotonic()
         node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
             volume_id=vol.volume.volume_id, target_path=vol.target), timeout=60)

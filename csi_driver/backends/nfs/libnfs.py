@@ -69,6 +69,7 @@ def _load() -> ctypes.CDLL | None:
         "nfs_mount": ([_c_p, _str, _str], ctypes.c_int),
         "nfs_stat64": ([_c_p, _str, ctypes.POINTER(_Stat64)], ctypes.c_int),
         "nfs_lstat64": ([_c_p, _str, ctypes.POINTER(_Stat64)], ctypes.c_int),
+        "nfs_fstat64": ([_c_p, _c_p, ctypes.POINTER(_Stat64)], ctypes.c_int),
         "nfs_statvfs64": ([_c_p, _str, ctypes.POINTER(_Statvfs64)], ctypes.c_int),
         "nfs_mkdir2": ([_c_p, _str, ctypes.c_int], ctypes.c_int),
         "nfs_rmdir": ([_c_p, _str], ctypes.c_int),
@@ -193,6 +194,16 @@ class Connection:
         st = _Stat64()
         assert _lib is not None
         self._check(getattr(_lib, fn)(self.ctx, _b(path), ctypes.byref(st)), f"stat {path}")
+        return self._convert(st)
+
+    def fstat(self, fh: int) -> Stat:
+        st = _Stat64()
+        assert _lib is not None
+        self._check(_lib.nfs_fstat64(self.ctx, fh, ctypes.byref(st)), "fstat")
+        return self._convert(st)
+
+    @staticmethod
+    def _convert(st: _Stat64) -> Stat:
         return Stat(mode=st.mode, uid=st.uid, gid=st.gid, size=st.size, nlink=st.nlink,
                     ino=st.ino, atime_ns=st.atime * 10**9 + st.atime_nsec,
                     mtime_ns=st.mtime * 10**9 + st.mtime_nsec, blocks=st.blocks)

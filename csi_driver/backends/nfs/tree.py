@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,7 +53,13 @@ def copy_tree(connect: Callable[[], Connection], src: str, dst: str,
             st = walker.lstat(s)
             walker.mkdir(d, 0o700)
             dirs.append((d, st))
-            for name, mode in walker.listdir(s):
+            entries = walker.listdir(s)
+            # libnfs follows symlinks in a path: a directory that a pod swapped for a symlink
+            # while we listed it would pull another volume's names into this copy.
+            again = walker.lstat(s)
+            if not stat.S_ISDIR(again.mode) or again.ino != st.ino:
+                raise NfsError(errno.ELOOP, f"{s} changed while it was copied; retry")
+            for name, mode in entries:
                 if progress.cancelled():
                     raise Cancelled
                 cs, cd = f"{s}/{name}", f"{d}/{name}"
@@ -116,8 +123,11 @@ def _copy_one(conn: Connection, s: str, d: str, st: Stat, buf: ctypes.Array[ctyp
         conn.symlink(conn.readlink(s), d)
         conn.lchown(d, st.uid, st.gid)
     else:
-        with conn.open(s, os.O_RDONLY) as fin, \
+        with conn.open(s, os.O_RDONLY | os.O_NOFOLLOW) as fin, \
                 conn.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) as fout:
+            # The file opened must be the one the walk saw, not one a swapped path leads to.
+            if conn.fstat(fin).ino != st.ino:
+                raise NfsError(errno.ELOOP, f"{s} changed while it was copied; retry")
             offset = 0
             while offset < st.size:
                 if progress.cancelled():
@@ -142,23 +152,47 @@ def _copy_one(conn: Connection, s: str, d: str, st: Stat, buf: ctypes.Array[ctyp
 
 
 def remove_tree(conn: Connection, path: str) -> None:
-    """rm -rf over NFS; a missing path is fine."""
-    try:
-        entries = conn.listdir(path)
-    except NfsError as exc:
-        if exc.errno == errno.ENOENT:
-            return
-        if exc.errno != errno.ENOTDIR:
-            raise
-        _ignore_missing(conn.unlink, path)
-        return
-    for name, mode in entries:
-        child = f"{path}/{name}"
-        if stat.S_ISDIR(mode):
-            remove_tree(conn, child)
-        else:
-            _ignore_missing(conn.unlink, child)
-    _ignore_missing(conn.rmdir, path)
+    """rm -rf over NFS; a missing path is fine.
+
+    Deleted volumes may still be mounted, and a pod could swap a directory for a symlink to `/`
+    mid-way: libnfs would follow it. So every sub-directory is first renamed (which never follows
+    the last component) to a fresh name beside `path`, and only ever listed there, where every
+    component above the tenant's own names is ours.
+    """
+    place = os.path.dirname(path)
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        try:
+            entries = conn.listdir(current)
+        except NfsError as exc:
+            if exc.errno == errno.ENOENT:
+                continue
+            if exc.errno != errno.ENOTDIR:
+                raise
+            _ignore_missing(conn.unlink, current)
+            continue
+        for name, mode in entries:
+            child = f"{current}/{name}"
+            if not stat.S_ISDIR(mode):
+                _ignore_missing(conn.unlink, child)
+                continue
+            flat = f"{place}/rm-{uuid.uuid4().hex}"
+            try:
+                conn.rename(child, flat)
+            except NfsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                continue
+            if stat.S_ISDIR(conn.lstat(flat).mode):
+                todo.append(flat)
+            else:
+                _ignore_missing(conn.unlink, flat)
+        try:
+            conn.rmdir(current)
+        except NfsError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                raise  # ENOTEMPTY: written to meanwhile; the next purge round finishes it
 
 
 def _ignore_missing(fn: Callable[[str], None], path: str) -> None:
