@@ -85,12 +85,18 @@ class Server:
         if mode in ("all", "node"):
             pb_grpc.add_NodeServicer_to_server(NodeService(driver), self._grpc)
 
-    def start(self) -> None:
+    def _warm_up(self) -> None:
+        """Probe every backend once (hostPath tidies up after a crash, NFS prepares its share),
+        beside serving: a backend whose server is unreachable must not keep the others, or
+        GetPluginInfo, waiting. The first RPC to a backend probes it again if needed."""
         for name, backend in self.driver.backends.items():
             try:
                 backend.probe()
             except CsiError as exc:
                 log.warning("backend %s is not ready yet: %s", name, exc.message)
+
+    def start(self) -> None:
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
         path = self.endpoint.socket_path
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ADDRESS = "10.99.0.1"
+SILENT_ADDRESS = "10.99.2.2"
 PACKAGES = {"ganesha.nfsd": "nfs-ganesha", "rpcbind": "rpcbind", "nfs-ls": "libnfs-utils"}
 VFS_FSAL = "/usr/lib/x86_64-linux-gnu/ganesha/libfsalvfs.so"
 
@@ -182,6 +183,15 @@ def start_server(base: Path, netns: str | None = None) -> NfsServer:
     try:
         _ip("-n", netns, "link", "set", "lo", "up")
         _ip("-n", netns, "addr", "add", f"{ADDRESS}/32", "dev", "lo")
+        # A link where nobody answers: the peer of a veth pair has no address, and a static
+        # neighbour entry sends SILENT_ADDRESS's packets into it, so they vanish. A server that
+        # is down hard (packets dropped), not one that refuses connections.
+        _ip("-n", netns, "link", "add", "silent0", "type", "veth", "peer", "name", "silent1")
+        _ip("-n", netns, "addr", "add", "10.99.2.1/24", "dev", "silent0")
+        _ip("-n", netns, "link", "set", "silent0", "up")
+        _ip("-n", netns, "link", "set", "silent1", "up")
+        _ip("-n", netns, "neigh", "add", SILENT_ADDRESS, "lladdr", "02:00:00:00:00:02",
+            "dev", "silent0")
         for sub in ("export", "denied", "recov"):
             (base / sub).mkdir(parents=True, exist_ok=True)
         (base / "denied").chmod(0o755)

@@ -19,7 +19,7 @@ from csi_driver.csi import csi_pb2 as pb
 from ..conftest import status_of
 from ..harness import Driver, MiB, mount_cap, write_config
 from .fixtures import nfs_backend, start_nfs_driver
-from .server import NfsServer
+from .server import SILENT_ADDRESS, NfsServer
 
 Mode = pb.VolumeCapability.AccessMode.Mode
 K8S = "csi.storage.k8s.io/"
@@ -161,6 +161,22 @@ def test_retried_delete_spares_the_next_volume_of_the_same_subdir(
     assert (place / "new-data").read_text() == "keep me"
     nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=new.volume_id))
     assert not place.exists()
+
+
+def test_volumes_never_nest(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:
+    """A volume whose subDir is above or below another's would expose (and, on delete, trash)
+    the other's data: both orders are ALREADY_EXISTS."""
+    ns = f"nest-{name}"[:60]
+    inner = create(nfs_driver, name + "-inner", backend="tree",
+                   **{K8S + "pvc/name": "db", K8S + "pvc/namespace": ns})
+    assert status_of(lambda: create(nfs_driver, name + "-outer", subDir=ns)
+                     ) == grpc.StatusCode.ALREADY_EXISTS
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=inner.volume_id))
+    outer = create(nfs_driver, name + "-outer", subDir=ns)  # free again
+    assert status_of(lambda: create(
+        nfs_driver, name + "-inner", backend="tree",
+        **{K8S + "pvc/name": "db", K8S + "pvc/namespace": ns})) == grpc.StatusCode.ALREADY_EXISTS
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=outer.volume_id))
 
 
 def test_directory_mode_and_owner(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:
@@ -357,20 +373,24 @@ def test_kill_before_record_then_retry(nfs_server: NfsServer, tmp_path: Path,
 
 def test_export_errors(nfs_server: NfsServer, tmp_path: Path, name: str) -> None:
     driver = start_nfs_driver(nfs_server, tmp_path, {
+        "silent": nfs_backend(nfs_server, server=SILENT_ADDRESS, timeoutSeconds=3),
         "squashed": nfs_backend(nfs_server, share="/denied"),
         "nowhere": nfs_backend(nfs_server, share="/no-such-export"),
         "unknown": nfs_backend(nfs_server, server="nfs.invalid"),
     })
     # The code, and the server's own answer in the message.
     cases = {
+        "silent": (grpc.StatusCode.UNAVAILABLE, SILENT_ADDRESS),  # nobody answers
         "squashed": (grpc.StatusCode.PERMISSION_DENIED, "NFS3ERR_ACCES"),  # squashed to nobody
         "nowhere": (grpc.StatusCode.NOT_FOUND, "NFS4ERR_NOENT"),  # no such export
         "unknown": (grpc.StatusCode.INVALID_ARGUMENT, "nfs.invalid"),  # does not resolve
     }
     try:
         for backend, (code, words) in cases.items():
+            started = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
                 create(driver, name, backend=backend)
+            assert time.monotonic() - started < 15, backend  # bounded, whatever the failure
             assert err.value.code() == code, (backend, err.value.details())
             assert words in err.value.details() and "Traceback" not in err.value.details()
     finally:

@@ -9,6 +9,7 @@ nothing of the share but its own directory.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 import time
@@ -41,6 +42,7 @@ from .libnfs import Connection, NfsError, Pool
 from .mount import mount_nfs
 from .tree import Cancelled, copy_tree, remove_tree
 
+log = logging.getLogger(__name__)
 PARAMETERS = frozenset({"subDir", "onDelete", "mountPermissions", "uid", "gid", "mountOptions",
                         "nfsVersion"})
 # libnfs reports a call that timed out as EINTR ("Command timed out").
@@ -151,6 +153,8 @@ class NfsBackend(Backend):
                 if conn is not None:  # the server is away: reconnect next round
                     conn.close()
                     conn = None
+            except Exception:  # the purger must outlive any one bad directory
+                log.exception("backend %s: purging the trash failed; retrying later", self.name)
             self._purge.wait(300)
             self._purge.clear()
 
@@ -324,7 +328,7 @@ class NfsBackend(Backend):
                     if exc.errno != errno.ENOENT:
                         raise
             faults.point("nfs-delete-volume")
-            share.release(conn, rec.sub_dir, rec.name)
+            share.release(conn, rec.sub_dir, rec.name, local_id)
             share.remove(conn, f"{share.VOLUMES}/{local_id}.json")
 
     def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import math
 import os
 import queue
 import stat
@@ -66,6 +67,7 @@ def _load() -> ctypes.CDLL | None:
         "nfs_set_version": ([_c_p, ctypes.c_int], ctypes.c_int),
         "nfs_set_timeout": ([_c_p, ctypes.c_int], None),
         "nfs_set_autoreconnect": ([_c_p, ctypes.c_int], None),
+        "nfs_set_tcp_syncnt": ([_c_p, ctypes.c_int], None),
         "nfs_mount": ([_c_p, _str, _str], ctypes.c_int),
         "nfs_stat64": ([_c_p, _str, ctypes.POINTER(_Stat64)], ctypes.c_int),
         "nfs_lstat64": ([_c_p, _str, ctypes.POINTER(_Stat64)], ctypes.c_int),
@@ -154,6 +156,9 @@ class Connection:
         # Every synchronous call gives up after `timeout`; one reconnect attempt, not forever.
         _lib.nfs_set_timeout(ctx, int(timeout * 1000))
         _lib.nfs_set_autoreconnect(ctx, 1)
+        # The timeout does not cover connecting: bound the SYN retries instead (n retries wait
+        # 2^(n+1)-1 s in all), or a server that drops packets holds a caller for two minutes.
+        _lib.nfs_set_tcp_syncnt(ctx, max(1, int(math.log2(timeout + 1)) - 1))
         try:
             self._check(_lib.nfs_set_version(ctx, version), f"NFS version {version}")
             self._check(_lib.nfs_mount(ctx, server.encode(), export.encode()),

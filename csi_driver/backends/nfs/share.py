@@ -4,6 +4,7 @@
   .berth/volumes/<id>.json    a volume's record (written last on create, removed last on delete)
   .berth/volumes/<id>.pending a create from a source whose copy has started
   .berth/claims/<hash>.json   which volume owns a subDir (so two volumes never share one)
+  .berth/claims/<hash>.below/ volumes below a directory (so no volume holds another)
   .berth/snapshots/<id>.json  a snapshot's record, written when its copy starts
   .berth/snapshots/<id>/      the snapshot's copy, renamed into place only once complete
   .berth/tmp/                 copies in progress
@@ -161,35 +162,81 @@ def to_trash(conn: Connection, path: str) -> bool:
     return True
 
 
-def claim(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
-    """Make volume `name` the owner of `sub_dir`; ALREADY_EXISTS if another volume is. A claim
-    whose owner has neither a record nor a copy under way is left from a create that never
-    finished, and is taken over."""
+def _claim_path(sub_dir: str) -> str:
     from ... import ids
 
-    path = f"{CLAIMS}/{ids.local_id_for_name(sub_dir)}.json"
+    return f"{CLAIMS}/{ids.local_id_for_name(sub_dir)}"
+
+
+def _alive(conn: Connection, local_id: str) -> bool:
+    """Whether volume `local_id` exists or is being made (its copy under way)."""
+    return bool(local_id) and (conn.exists(f"{VOLUMES}/{local_id}.json")
+                               or conn.exists(f"{VOLUMES}/{local_id}.pending"))
+
+
+def _ancestors(sub_dir: str) -> list[str]:
+    parts = sub_dir.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def claim(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
+    """Make volume `name` the owner of `sub_dir`; ALREADY_EXISTS if another volume owns it, a
+    directory above it or one below it (a volume inside another would be exposed to its pod and
+    trashed with it). A claim whose owner has neither a record nor a copy under way is left from
+    a create that never finished, and is taken over.
+
+    Each directory above a claimed one holds a marker `<claim>.below/<owner-id>`, so a claim of
+    that directory finds its descendants without scanning every claim."""
+    for parent in _ancestors(sub_dir):
+        owner = read_json(conn, _claim_path(parent) + ".json") or {}
+        if owner.get("name") != name and _alive(conn, str(owner.get("volume", ""))):
+            raise errors.AlreadyExists(
+                f"subDir {sub_dir!r} is inside {parent!r}, the directory of volume "
+                f"{owner.get('name')!r}")
+    below = _claim_path(sub_dir) + ".below"
+    try:
+        for marker, _ in conn.listdir(below):
+            if marker != local_id and _alive(conn, marker):
+                raise errors.AlreadyExists(
+                    f"subDir {sub_dir!r} holds the directory of another volume ({marker})")
+    except NfsError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+    path = _claim_path(sub_dir) + ".json"
     mine = json.dumps({"name": name, "volume": local_id}).encode()
     try:
         with conn.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) as fh:
             conn.pwrite(fh, 0, mine)
-        return
     except NfsError as exc:
         if exc.errno != errno.EEXIST:
             raise
-    owner = read_json(conn, path) or {}
-    if owner.get("name") == name:
-        return
-    other = str(owner.get("volume", ""))
-    if other and (conn.exists(f"{VOLUMES}/{other}.json")
-                  or conn.exists(f"{VOLUMES}/{other}.pending")):
-        raise errors.AlreadyExists(
-            f"subDir {sub_dir!r} already belongs to volume {owner.get('name')!r}")
-    write_json(conn, path, {"name": name, "volume": local_id})
+        owner = read_json(conn, path) or {}
+        if owner.get("name") != name:
+            if _alive(conn, str(owner.get("volume", ""))):
+                raise errors.AlreadyExists(
+                    f"subDir {sub_dir!r} already belongs to volume {owner.get('name')!r}"
+                ) from None
+            write_json(conn, path, {"name": name, "volume": local_id})
+    for parent in _ancestors(sub_dir):
+        marker_dir = _claim_path(parent) + ".below"
+        try:
+            conn.mkdir(marker_dir, 0o700)
+        except NfsError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+        with conn.open(f"{marker_dir}/{local_id}", os.O_WRONLY | os.O_CREAT, 0o600):
+            pass
 
 
-def release(conn: Connection, sub_dir: str, name: str) -> None:
-    from ... import ids
-
-    path = f"{CLAIMS}/{ids.local_id_for_name(sub_dir)}.json"
+def release(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
+    path = _claim_path(sub_dir) + ".json"
     if (read_json(conn, path) or {}).get("name") == name:
         remove(conn, path)
+    for parent in _ancestors(sub_dir):
+        marker_dir = _claim_path(parent) + ".below"
+        remove(conn, f"{marker_dir}/{local_id}")
+        try:
+            conn.rmdir(marker_dir)
+        except NfsError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY):
+                raise
