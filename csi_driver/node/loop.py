@@ -14,9 +14,10 @@ from .commands import run
 _SYS = "/sys/block"
 
 
-def attached(backing_file: str) -> list[str]:
-    """Every loop device whose backing file is `backing_file`."""
-    want = os.path.realpath(backing_file)
+def attached(backing_file: str, resolve: bool = True) -> list[str]:
+    """Every loop device whose backing file is `backing_file` (resolve=False: a path known to
+    be free of symlinks, which then is not looked at: on NFS that could block)."""
+    want = os.path.realpath(backing_file) if resolve else os.path.normpath(backing_file)
     found = []
     for entry in glob.glob(f"{_SYS}/loop*/loop/backing_file"):
         try:
@@ -39,7 +40,11 @@ def attach(backing_file: str) -> str:
 
 def detach_all(backing_file: str) -> None:
     for device in attached(backing_file):
-        run("losetup", "--detach", device)
+        detach(device)
+
+
+def detach(device: str) -> None:
+    run("losetup", "--detach", device)
 
 
 def refresh_size(device: str) -> None:

@@ -40,7 +40,8 @@ LINUX = Path("/usr/bin/linux.uml")  # Debian user-mode-linux
 XSTATE_SHIM = Path("/var/cache/berth-uml/uml-xstate.so")
 MODULES = Path("/usr/lib/uml/modules")
 # The NFS client is built as modules; overlay makes the hostfs root writable in guest memory.
-WANTED = ("kernel/fs/overlayfs/overlay.ko", "kernel/fs/nfs/nfsv3.ko", "kernel/fs/nfs/nfsv4.ko")
+WANTED = ("kernel/fs/overlayfs/overlay.ko", "kernel/fs/nfs/nfsv3.ko", "kernel/fs/nfs/nfsv4.ko",
+          "kernel/drivers/block/loop.ko")
 GUEST_ADDRESS, HOST_ADDRESS, PREFIX = "10.99.1.2", "10.99.1.1", 24
 TAP = "berth-uml"
 DRIVER_PORT, AGENT_PORT = 7001, 7002
@@ -194,7 +195,9 @@ def start_guest(work: Path, netns: str, driver_args: list[str], timeout: float =
     cmdline = ["env", f"LD_PRELOAD={XSTATE_SHIM}", str(LINUX), "umid=berth",
                f"uml_dir={work / 'uml'}", "mem=384M", "root=/dev/root", "rootfstype=hostfs",
                "rootflags=/", "ro", f"init={init}",
-               f"vec0:transport=tap,ifname={TAP}", "con=null", "con0=null,fd:1", "ssl=null"]
+               # gro=1: the host hands the TAP coalesced segments of up to 64 KiB; without
+               # it the guest drops them and reads of more than a few KiB stall for minutes.
+               f"vec0:transport=tap,ifname={TAP},gro=1", "con=null", "con0=null,fd:1", "ssl=null"]
     with open(work / "console.log", "wb") as console:
         uml = subprocess.Popen(_netns(netns, cmdline), stdin=subprocess.DEVNULL, stdout=console,
                                stderr=subprocess.STDOUT, start_new_session=True)

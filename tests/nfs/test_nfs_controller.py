@@ -422,3 +422,37 @@ def test_config_rejects_bad_share(tmp_path: Path, nfs_server: NfsServer) -> None
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "backends.x.share" in done.stderr
+
+
+def test_image_layout_controller(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:
+    """volumeLayout image: a sparse image of the requested size, single-node only, grown by
+    expansion with the node asked to finish; directories refuse block access."""
+    vol = create(nfs_driver, name, mode=Mode.SINGLE_NODE_WRITER, volumeLayout="image")
+    image = nfs_server.export_dir / name / "disk.img"
+    st = image.stat()
+    assert st.st_size == 10 * MiB and st.st_blocks * 512 < MiB  # sparse
+    assert vol.volume_context["volumeLayout"] == "image"
+    grown = nfs_driver.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id, capacity_range=pb.CapacityRange(required_bytes=30 * MiB)))
+    assert grown.node_expansion_required and image.stat().st_size == 30 * MiB
+
+    for mode in (Mode.MULTI_NODE_MULTI_WRITER, Mode.MULTI_NODE_READER_ONLY):
+        assert status_of(lambda m=mode: create(nfs_driver, name + "-rwx", mode=m,
+                                               volumeLayout="image")
+                         ) == grpc.StatusCode.INVALID_ARGUMENT
+    block = pb.CreateVolumeRequest(
+        name=name + "-block", volume_capabilities=[pb.VolumeCapability(
+            block=pb.VolumeCapability.BlockVolume(),
+            access_mode=pb.VolumeCapability.AccessMode(mode=Mode.SINGLE_NODE_WRITER))],
+        capacity_range=pb.CapacityRange(required_bytes=10 * MiB), parameters={"backend": "nfs"})
+    assert status_of(lambda: nfs_driver.controller.CreateVolume(block)
+                     ) == grpc.StatusCode.INVALID_ARGUMENT
+    assert not (nfs_server.export_dir / (name + "-block")).exists()
+    # A directory volume cannot be made from an image volume (nor the other way).
+    assert status_of(lambda: nfs_driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=name + "-dir", volume_capabilities=[mount_cap()], parameters={"backend": "nfs"},
+        volume_content_source=pb.VolumeContentSource(
+            volume=pb.VolumeContentSource.VolumeSource(volume_id=vol.volume_id))))
+    ) == grpc.StatusCode.INVALID_ARGUMENT
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert not image.exists()

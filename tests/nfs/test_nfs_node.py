@@ -4,6 +4,8 @@ server."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -87,6 +89,7 @@ class Published:
         self.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
             volume_id=self.volume.volume_id, staging_target_path=self.staging), timeout=60)
         assert self.volume.volume_context["subDir"] not in self.sh("cat /proc/self/mountinfo")
+        assert "/dev/loop" not in self.sh("losetup -a")
         controller.controller.DeleteVolume(pb.DeleteVolumeRequest(
             volume_id=self.volume.volume_id), timeout=30)
 
@@ -106,6 +109,13 @@ def test_lifecycle_moves_data_both_ways(nfs_driver: Driver, nfs_server: NfsServe
     assert (on_server / "pod.txt").read_text() == "from-the-pod\n"
     (on_server / "server.txt").write_text("from-the-server")
     assert vol.sh(f"cat {vol.target}/server.txt") == "from-the-server"
+    # Megabytes, not just a line: each way, checksummed on the other side.
+    payload = os.urandom(8 * MiB)
+    (on_server / "big").write_bytes(payload)
+    assert vol.sh(f"sha256sum < {vol.target}/big").split()[0] == \
+        hashlib.sha256(payload).hexdigest()
+    digest = vol.sh(f"head -c {8 * MiB} /dev/urandom | tee {vol.target}/from-pod | sha256sum")
+    assert hashlib.sha256((on_server / "from-pod").read_bytes()).hexdigest() == digest.split()[0]
     vol.publish()  # repeated: nothing changes
     stats = vol.stats()
     assert not stats.volume_condition.abnormal
@@ -196,3 +206,89 @@ def test_unknown_export_at_stage(nfs_driver: Driver, node: pb_grpc.NodeStub, gue
 def test_guest_driver_log_has_no_traceback(guest: Guest) -> None:
     assert "Traceback" not in guest.driver_log()
 
+
+
+def test_image_layout_enforces_size_and_survives_restore(
+        nfs_driver: Driver, nfs_server: NfsServer, node: pb_grpc.NodeStub, guest: Guest,
+        name: str) -> None:
+    """An ext4 image on a loop device over the guest's NFS mount: the size is enforced,
+    expansion grows it online, and a snapshot restores the data into a new volume."""
+    vol = Published(nfs_driver, node, guest, name, mode=Mode.SINGLE_NODE_WRITER,
+                    volumeLayout="image")
+    print(f"\nimage layout: NodeStage (NFS mount + loop + mkfs + mount) "
+          f"{vol.stage_s * 1000:.0f} ms, NodePublish {vol.publish_s * 1000:.0f} ms")
+    assert "ext4" in vol.sh(f"grep ' {vol.staging} ' /proc/self/mountinfo")
+    vol.sh(f"echo kept > {vol.target}/data && sync")
+    full = guest.run(["dd", "if=/dev/zero", f"of={vol.target}/fill", "bs=1M", "count=20"])
+    assert full.returncode != 0 and "No space left" in full.stderr  # 10 MiB volume
+    vol.sh(f"rm {vol.target}/fill && sync")
+    before = vol.stats().usage[0].total
+
+    nfs_driver.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
+        volume_id=vol.volume.volume_id, capacity_range=pb.CapacityRange(required_bytes=40 * MiB),
+        volume_capability=vol.cap))
+    node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
+        volume_id=vol.volume.volume_id, volume_path=vol.target, staging_target_path=vol.staging,
+        capacity_range=pb.CapacityRange(required_bytes=40 * MiB), volume_capability=vol.cap),
+        timeout=60)
+    assert vol.stats().usage[0].total > before + 20 * MiB
+
+    # Unstaged first: a copy of a mounted image would be torn.
+    node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
+        volume_id=vol.volume.volume_id, target_path=vol.target), timeout=60)
+    node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+        volume_id=vol.volume.volume_id, staging_target_path=vol.staging), timeout=60)
+    assert "/dev/loop" not in guest.run(["losetup", "-a"]).stdout
+    snap = nfs_driver.controller.CreateSnapshot(pb.CreateSnapshotRequest(
+        name=name + "-snap", source_volume_id=vol.volume.volume_id), timeout=30).snapshot
+    while not snap.ready_to_use:
+        time.sleep(0.1)
+        snap = nfs_driver.controller.CreateSnapshot(pb.CreateSnapshotRequest(
+            name=name + "-snap", source_volume_id=vol.volume.volume_id), timeout=30).snapshot
+    restored = nfs_driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=name + "-restored", capacity_range=pb.CapacityRange(required_bytes=40 * MiB),
+        volume_capabilities=[mount_cap(Mode.SINGLE_NODE_WRITER)],
+        parameters={"backend": "nfs", "volumeLayout": "image"},
+        volume_content_source=pb.VolumeContentSource(
+            snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id))),
+        timeout=60).volume
+    staging = f"/mnt/{name}-restored/staging"
+    assert guest.run(["mkdir", "-p", staging]).returncode == 0
+    node.NodeStageVolume(pb.NodeStageVolumeRequest(
+        volume_id=restored.volume_id, staging_target_path=staging, volume_capability=vol.cap,
+        volume_context=restored.volume_context), timeout=60)
+    assert vol.sh(f"cat {staging}/data") == "kept\n"
+    node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+        volume_id=restored.volume_id, staging_target_path=staging), timeout=60)
+    for v in (restored.volume_id, vol.volume.volume_id):
+        nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v))
+    nfs_driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+
+
+def test_image_layout_block_access(nfs_driver: Driver, node: pb_grpc.NodeStub, guest: Guest,
+                                   name: str) -> None:
+    cap = pb.VolumeCapability(block=pb.VolumeCapability.BlockVolume(),
+                              access_mode=pb.VolumeCapability.AccessMode(
+                                  mode=Mode.SINGLE_NODE_WRITER))
+    vol = nfs_driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=name, capacity_range=pb.CapacityRange(required_bytes=16 * MiB),
+        volume_capabilities=[cap], parameters={"backend": "nfs", "volumeLayout": "image"}),
+        timeout=30).volume
+    staging, target = f"/mnt/{name}/staging", f"/mnt/{name}/dev"
+    assert guest.run(["mkdir", "-p", staging]).returncode == 0
+    node.NodeStageVolume(pb.NodeStageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, volume_capability=cap,
+        volume_context=vol.volume_context), timeout=60)
+    node.NodePublishVolume(pb.NodePublishVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, target_path=target,
+        volume_capability=cap, volume_context=vol.volume_context), timeout=60)
+    size = guest.run(["blockdev", "--getsize64", target])
+    assert size.returncode == 0 and int(size.stdout) == 16 * MiB
+    written = guest.run(["sh", "-c", f"echo raw | dd of={target} conv=fsync 2>/dev/null && "
+                                     f"head -c 3 {target}"])
+    assert written.stdout == "raw"
+    node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
+        volume_id=vol.volume_id, target_path=target), timeout=60)
+    node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging), timeout=60)
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))

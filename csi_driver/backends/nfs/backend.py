@@ -17,9 +17,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from ... import errors, faults, ids
-from ...node import bounded, mounts
+from ...node import bounded, devices, mounts
 from ..base import (
     NO_SECRETS,
+    SINGLE_NODE_MODES,
     AccessMode,
     Backend,
     BackendConfig,
@@ -37,6 +38,7 @@ from ..base import (
 )
 from . import share
 from .config import ON_DELETE, NfsConfig, parse_mode
+from .image import IMAGE_FILE, ImageAttacher
 from .jobs import Job, Jobs
 from .libnfs import Connection, NfsError, Pool
 from .mount import mount_nfs
@@ -44,7 +46,8 @@ from .tree import Cancelled, copy_tree, remove_tree
 
 log = logging.getLogger(__name__)
 PARAMETERS = frozenset({"subDir", "onDelete", "mountPermissions", "uid", "gid", "mountOptions",
-                        "nfsVersion"})
+                        "nfsVersion", "volumeLayout"})
+IMAGE = "image"
 # libnfs reports a call that timed out as EINTR ("Command timed out").
 _UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
                           errno.ENETUNREACH, errno.ECONNRESET, errno.EPIPE, errno.EIO,
@@ -56,6 +59,7 @@ class NfsBackend(Backend):
     Config = NfsConfig
     features = Features(
         access_modes=frozenset(AccessMode),
+        block=True,  # image layout only
         parameters=PARAMETERS,
         snapshots=True,
         clones=True,
@@ -70,6 +74,8 @@ class NfsBackend(Backend):
         self.pool = Pool(config.server, config.share, config.controllerVersion,
                          config.timeoutSeconds)
         self.jobs = Jobs()
+        self.images = ImageAttacher(os.path.join(config.nodeStateDir, name),
+                                    config.timeoutSeconds)
         self._ready = False
         self._start_lock = threading.Lock()
         self._purge = threading.Event()
@@ -168,7 +174,7 @@ class NfsBackend(Backend):
                              f"directory {rec.sub_dir} is missing from {self._where()}")
         return Volume(
             local_id=local_id, name=rec.name, size=rec.size, parameters=rec.parameters,
-            context=rec.context, condition=cond,
+            context=rec.context, condition=cond, block=rec.block,
             source=Source(rec.source_kind, rec.source_id) if rec.source_kind else None,
         )
 
@@ -177,7 +183,7 @@ class NfsBackend(Backend):
         c = self.config
         got = {"subDir": c.subDir, "onDelete": c.onDelete, "mountPermissions": c.mountPermissions,
                "nfsVersion": c.nfsVersion, "mountOptions": ",".join(c.mountOptions),
-               "uid": "", "gid": ""}
+               "uid": "", "gid": "", "volumeLayout": c.volumeLayout}
         got.update({k: v for k, v in parameters.items() if k in PARAMETERS})
         if got["onDelete"] not in ON_DELETE:
             raise errors.InvalidArgument(f"onDelete must be one of {', '.join(ON_DELETE)}")
@@ -188,6 +194,8 @@ class NfsBackend(Backend):
         for key in ("uid", "gid"):
             if got[key] and not got[key].isdigit():
                 raise errors.InvalidArgument(f"{key} must be a number, not {got[key]!r}")
+        if got["volumeLayout"] not in ("directory", IMAGE):
+            raise errors.InvalidArgument("volumeLayout must be directory or image")
         if got["nfsVersion"] not in ("3", "4", "4.0", "4.1", "4.2"):
             raise errors.InvalidArgument("nfsVersion must be one of 3, 4, 4.0, 4.1, 4.2")
         return got
@@ -199,13 +207,16 @@ class NfsBackend(Backend):
         sub_dir = share.render_sub_dir(settings["subDir"], dict(request.parameters),
                                        request.name)
         local_id = ids.local_id_for_name(request.name)
+        layout = settings["volumeLayout"]
+        block = self._check_capabilities(layout, request)
         with self._conn() as conn:
             rec = share.volume_record(conn, local_id)
             if rec is not None:
                 return self._volume(local_id, rec)  # the service compares what was asked
             share.claim(conn, sub_dir, request.name, local_id)
             path = f"/{sub_dir}"
-            source_path = self._source_path(conn, request.source) if request.source else ""
+            source_path = (self._source_path(conn, request.source, layout)
+                           if request.source else "")
             parent = os.path.dirname(path)
             if parent != "/":
                 conn.makedirs(parent, 0o755)
@@ -228,15 +239,21 @@ class NfsBackend(Backend):
             self._wait_copy(f"vol-{local_id}", source_path, path,
                             f"copying {request.source.kind if request.source else ''} into "
                             f"volume {request.name!r}")
+        if layout == IMAGE:
+            with self._conn() as conn:
+                self._grow_image(conn, f"{path}/{IMAGE_FILE}", request.size, create=True)
         rec = share.VolumeRecord(
             name=request.name, sub_dir=sub_dir, size=request.size,
             parameters=dict(request.parameters), on_delete=settings["onDelete"],
             context={"server": self.config.server, "share": self.config.share,
                      "subDir": sub_dir, "nfsVersion": settings["nfsVersion"],
                      **({"mountOptions": settings["mountOptions"]}
-                        if settings["mountOptions"] else {})},
+                        if settings["mountOptions"] else {}),
+                     **({"volumeLayout": IMAGE, "fsType": self.config.fsType}
+                        if layout == IMAGE else {})},
             source_kind=request.source.kind if request.source else "",
             source_id=request.source.local_id if request.source else "",
+            layout=layout, block=block,
         )
         with self._conn() as conn:
             faults.point("nfs-create-volume")
@@ -244,6 +261,31 @@ class NfsBackend(Backend):
             if request.source:
                 share.remove(conn, f"{share.VOLUMES}/{local_id}.pending")
         return self._volume(local_id, rec)
+
+    @staticmethod
+    def _check_capabilities(layout: str, request: VolumeRequest) -> bool:
+        """Whether the volume is raw block; INVALID_ARGUMENT for what the layout cannot do."""
+        block = any(c.block for c in request.capabilities)
+        if layout != IMAGE:
+            if block:
+                raise errors.InvalidArgument(
+                    "block access needs volumeLayout: image (a directory has no device)")
+            return False
+        if any(c.access_mode not in SINGLE_NODE_MODES for c in request.capabilities):
+            raise errors.InvalidArgument(
+                "volumeLayout image is mounted by one node at a time (ext4/xfs on a shared "
+                "file): ask for a single-node access mode, or use the directory layout")
+        if block and not all(c.block for c in request.capabilities):
+            raise errors.InvalidArgument("a volume is either raw block or a filesystem, not both")
+        return block
+
+    @staticmethod
+    def _grow_image(conn: Connection, image: str, size: int, create: bool = False) -> None:
+        """A sparse image of at least `size` bytes (never shrunk)."""
+        flags = os.O_WRONLY | (os.O_CREAT if create else 0)
+        with conn.open(image, flags, 0o600) as fh:
+            if conn.fstat(fh).size < size:
+                conn.ftruncate(fh, size)
 
     @staticmethod
     def _make_directory(conn: Connection, path: str, settings: Mapping[str, str]) -> None:
@@ -258,19 +300,30 @@ class NfsBackend(Backend):
             conn.lchown(path, int(settings["uid"] or st.uid), int(settings["gid"] or st.gid))
         conn.chmod(path, parse_mode(settings["mountPermissions"]))
 
-    def _source_path(self, conn: Connection, source: Source) -> str:
+    def _source_path(self, conn: Connection, source: Source, layout: str) -> str:
         if source.kind == "volume":
             rec = share.volume_record(conn, source.local_id)
             if rec is None:
                 raise errors.NotFound(f"source volume {self.name}:{source.local_id} does not exist")
+            self._same_layout(rec.layout, layout)
             return f"/{rec.sub_dir}"
-        if share.snapshot_record(conn, source.local_id) is None:
+        snap = share.snapshot_record(conn, source.local_id)
+        if snap is None:
             raise errors.NotFound(f"snapshot {self.name}:{source.local_id} does not exist")
+        origin = share.volume_record(conn, snap.source_volume)
+        if origin is not None:
+            self._same_layout(origin.layout, layout)
         if not self._snapshot_ready(conn, source.local_id):
             raise errors.Aborted(
                 f"snapshot {self.name}:{source.local_id} is not ready yet (its copy is running); "
                 "the restore will go ahead once it is")
         return f"{share.SNAPSHOTS}/{source.local_id}"
+
+    @staticmethod
+    def _same_layout(source: str, wanted: str) -> None:
+        if source != wanted:
+            raise errors.InvalidArgument(
+                f"the source is a {source} volume; a {wanted} volume cannot be made from it")
 
     def _wait_copy(self, key: str, src: str, dst: str, what: str) -> bool:
         """Run (or join) the copy `src` -> `dst` and wait up to copyWaitSeconds; ABORTED while it
@@ -353,15 +406,18 @@ class NfsBackend(Backend):
 
     def expand_volume(self, local_id: str, size: int, secrets: Secrets = NO_SECRETS
                       ) -> tuple[int, bool]:
-        """Directory volumes have no size to grow: the new size is recorded, nothing else."""
+        """Directory volumes have no size to grow: the new size is recorded, nothing else;
+        an image grows here and its filesystem on the node."""
         with self._conn() as conn:
             rec = share.volume_record(conn, local_id)
             if rec is None:
                 raise errors.NotFound(f"volume {self.name}:{local_id} does not exist")
+            if rec.layout == IMAGE:
+                self._grow_image(conn, f"/{rec.sub_dir}/{IMAGE_FILE}", size)
             if size > rec.size:
                 rec.size = size
                 share.save_volume(conn, local_id, rec)
-            return rec.size, False
+            return rec.size, rec.layout == IMAGE
 
     # -- controller: snapshots -----------------------------------------------------------
     @staticmethod
@@ -444,24 +500,54 @@ class NfsBackend(Backend):
         if ".." in sub_dir.split("/"):
             raise errors.InvalidArgument(f"subDir {sub_dir!r} leaves the share")
         path = "/".join(p for p in (export.rstrip("/"), sub_dir.strip("/")) if p) or "/"
+        options = [*self.config.mountOptions,
+                   *(o for o in context.get("mountOptions", "").split(",") if o)]
+        version = context.get("nfsVersion") or self.config.nfsVersion
+        read_only = capability.access_mode in (AccessMode.SINGLE_NODE_READER_ONLY,
+                                               AccessMode.MULTI_NODE_READER_ONLY)
+        if context.get("volumeLayout") == IMAGE:
+            self.images.stage(
+                local_id, staging_path, capability,
+                capability.fs_type or context.get("fsType") or self.config.fsType,
+                lambda where: mount_nfs(server, path, where, version, options, False,
+                                        self.config.timeoutSeconds),
+                read_only)
+            return
+        if capability.block:
+            raise errors.FailedPrecondition("a directory volume has no block device")
         if mounts.mount_at(staging_path) is not None:
             return  # staged already: NodeStage is idempotent
         if not os.path.isdir(staging_path):
             raise errors.FailedPrecondition(f"staging path {staging_path} is not a directory")
-        options = [*self.config.mountOptions,
-                   *(o for o in context.get("mountOptions", "").split(",") if o)]
         for flag in capability.mount_flags:
             options += [o for o in flag.split(",") if o]
-        version = context.get("nfsVersion") or self.config.nfsVersion
-        read_only = capability.access_mode in (AccessMode.SINGLE_NODE_READER_ONLY,
-                                               AccessMode.MULTI_NODE_READER_ONLY)
         mount_nfs(server, path, staging_path, version, options, read_only,
                   self.config.timeoutSeconds)
 
     def unstage(self, local_id: str, staging_path: str) -> None:
-        mounts.unmount(staging_path, wait=self.config.timeoutSeconds)
+        if self.images.is_image(local_id):
+            self.images.unstage(local_id, staging_path)
+        else:
+            mounts.unmount(staging_path, wait=self.config.timeoutSeconds)
+
+    def publish_source(self, local_id: str, staging_path: str, capability: Capability) -> str:
+        return devices.block_target(staging_path) if capability.block else staging_path
+
+    def owns_mount(self, local_id: str, path: str) -> bool:
+        # A directory volume's mount is the NFS mount itself: nothing to tell apart (and a
+        # stat of it could block on a dead server).
+        return not self.images.is_image(local_id) or self.images.owns(local_id, path)
+
+    def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
+                    secrets: Secrets = NO_SECRETS) -> int:
+        if not self.images.is_image(local_id):
+            return required  # a directory has no size of its own
+        return self.images.expand(local_id, volume_path)
 
     def node_condition(self, local_id: str, volume_path: str) -> Condition:
+        image = self.images.condition(local_id)
+        if image is not None and image.abnormal:
+            return image
         try:
             bounded.call(f"open:{volume_path}", mounts.touch_open, volume_path,
                          timeout=self.config.timeoutSeconds)

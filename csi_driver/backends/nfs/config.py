@@ -34,6 +34,12 @@ def _version(value: object) -> str:
     return text
 
 
+def _absolute(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return "/" + value.strip("/")
+
+
 def _positive(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError("must be a whole number, 1 or more")
@@ -72,5 +78,11 @@ class NfsConfig(BackendConfig):
     timeoutSeconds: int = field(default=10, metadata={"convert": _positive})
     # How long CreateVolume/CreateSnapshot wait for a copy before answering "in progress".
     copyWaitSeconds: int = field(default=5, metadata={"convert": _positive})
+    # directory: a sub-directory per volume (RWX, size not enforced); image: a filesystem image
+    # file in it on a loop device on the node (RWO, size enforced, block access possible).
+    volumeLayout: Literal["directory", "image"] = "directory"
+    fsType: Literal["ext4", "xfs"] = "ext4"  # image layout, when the request names none
+    # Node: where image volumes' directories are mounted.
+    nodeStateDir: str = field(default="/var/lib/berth/nfs", metadata={"convert": _absolute})
     # Connections that copy files at once in a snapshot, restore or clone.
     copyWorkers: int = field(default=4, metadata={"convert": _positive})

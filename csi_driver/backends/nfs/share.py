@@ -56,6 +56,8 @@ class VolumeRecord:
     source_kind: str = ""
     source_id: str = ""
     created: float = field(default_factory=time.time)
+    layout: str = "directory"  # or "image": <subDir>/disk.img on a loop device
+    block: bool = False  # image volumes only: raw block access instead of a filesystem
 
 
 @dataclass

@@ -1,0 +1,111 @@
+"""volumeLayout: image on the node: a filesystem image file on the share, on a loop device.
+
+The volume's directory is NFS-mounted under nodeStateDir/<backend>/<volume>, its `disk.img`
+attached to a loop device, and the device staged like any block device (node/devices.py): mkfs
+on first use, mounted at staging, or the device node itself for block access. The size is the
+image's, so it is enforced; one node at a time (RWO), since two kernels must never mount one
+ext4/xfs. NodeUnstage carries no volume context: the share mount's presence says the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Callable
+
+from ... import errors
+from ...node import devices, filesystems, loop, mounts
+from ..base import Capability, Condition
+
+IMAGE_FILE = "disk.img"
+
+
+class ImageAttacher:
+    def __init__(self, state_dir: str, timeout: float) -> None:
+        self.state_dir = state_dir
+        self.timeout = timeout
+
+    def share_dir(self, local_id: str) -> str:
+        return os.path.join(self.state_dir, local_id)
+
+    def image(self, local_id: str) -> str:
+        return os.path.join(self.share_dir(local_id), IMAGE_FILE)
+
+    def devices_of(self, local_id: str) -> list[str]:
+        # No realpath of the image: that would stat the NFS mount, which a dead server blocks.
+        return loop.attached(self.image(local_id), resolve=False)
+
+    def is_image(self, local_id: str) -> bool:
+        return mounts.mount_at(self.share_dir(local_id)) is not None
+
+    def stage(self, local_id: str, staging: str, cap: Capability, fs_type: str,
+              mount_share: Callable[[str], None], read_only: bool) -> None:
+        if self.owns(local_id, staging, cap.block):
+            return
+        if mounts.mount_at(staging) is not None:
+            raise errors.AlreadyExists(f"{staging} already holds another mount")
+        where = self.share_dir(local_id)
+        if mounts.mount_at(where) is None:
+            os.makedirs(where, 0o700, exist_ok=True)
+            mount_share(where)
+        try:
+            if not os.path.exists(self.image(local_id)):
+                raise errors.FailedPrecondition(
+                    f"{IMAGE_FILE} is missing from the volume's directory on the server")
+            device = loop.attach(self.image(local_id))
+            if cap.block:
+                devices.stage_block(device, staging, read_only)
+            else:
+                devices.stage_filesystem(device, staging, fs_type, cap, read_only)
+        except BaseException:
+            self.unstage(local_id, staging)
+            raise
+
+    def unstage(self, local_id: str, staging: str) -> None:
+        devices.unstage(staging)
+        for device in self.devices_of(local_id):
+            loop.detach(device)
+        where = self.share_dir(local_id)
+        mounts.unmount(where, wait=self.timeout)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(where)
+
+    def owns(self, local_id: str, path: str, block: bool | None = None) -> bool:
+        """Whether `path` (a staging path, or with block=None whatever publish binds from)
+        shows this volume's device or its filesystem."""
+        attached = self.devices_of(local_id)
+        if not attached:
+            return False
+        if block is None:
+            try:
+                block = stat.S_ISBLK(os.stat(path).st_mode)
+            except OSError:
+                return False
+        elif block:
+            path = devices.block_target(path)
+        return devices.shows_device(path, attached, block)
+
+    def expand(self, local_id: str, volume_path: str) -> int:
+        size = 0
+        # The controller grew the file on the server; an open makes this node's NFS client
+        # fetch its new size (its cached attributes could be a minute old) before the loop
+        # device asks.
+        mounts.touch_open(self.image(local_id))
+        for device in self.devices_of(local_id):
+            loop.refresh_size(device)
+            found = filesystems.detect(device)
+            if found and mounts.mount_at(volume_path) is not None:
+                filesystems.grow_online(device, volume_path, found)
+            size = loop.device_size(device)
+        if not size:
+            raise errors.FailedPrecondition("the volume is not staged on this node")
+        return size
+
+    def condition(self, local_id: str) -> Condition | None:
+        """None when the volume is not an image staged here (the caller checks the mount)."""
+        if not self.is_image(local_id):
+            return None
+        if not self.devices_of(local_id):
+            return Condition(True, "the volume's loop device is gone")
+        return Condition(False, "")
