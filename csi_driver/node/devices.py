@@ -63,13 +63,13 @@ def stage_block(device: str, staging: str, read_only: bool) -> None:
                        make="file")
 
 
-def unstage(staging: str) -> None:
+def unstage(staging: str, lazy: bool = True) -> None:
     """Unmount what stage_filesystem/stage_block put at `staging` (the device stays attached).
 
     <staging>/device is ours only when staging itself is no mount (a block stage): inside a
     mounted filesystem it is the user's file and must not be touched.
     """
-    if mounts.unmount(staging):
+    if mounts.unmount(staging, lazy=lazy):
         return
     device_file = block_target(staging)
     if os.path.lexists(device_file):

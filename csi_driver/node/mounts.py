@@ -211,12 +211,14 @@ def _unmount_all(target: str, given_up: threading.Event | None = None) -> bool:
         raise Internal(f"unmount of {target} failed: {os.strerror(err)}")
 
 
-def unmount(target: str, wait: float = 10.0) -> bool:
+def unmount(target: str, wait: float = 10.0, lazy: bool = True) -> bool:
     """Unmount every mount stacked on `target`; False when nothing was mounted there.
 
     A filesystem whose server is gone (NFS) can block an unmount for ever: after `wait` seconds
     the mounts are detached lazily instead (MNT_DETACH needs nothing from the filesystem), so
-    the path is free and the kernel finishes the job whenever it can.
+    the path is free and the kernel finishes the job whenever it can. With lazy=False (a
+    filesystem whose unwritten data must land before anything else uses its device) the caller
+    gets UNAVAILABLE instead, and retries.
     """
     from . import bounded  # local: bounded imports errors only, but keep mounts import-light
 
@@ -229,7 +231,8 @@ def unmount(target: str, wait: float = 10.0) -> bool:
         try:
             bounded.call(f"probe:{target}", touch_open, target, timeout=min(wait, 2.0))
         except (Unavailable, OSError):
-            pass
+            if not lazy:
+                raise
         else:
             raise
         did = False
@@ -238,6 +241,9 @@ def unmount(target: str, wait: float = 10.0) -> bool:
         return did
     except Unavailable:
         given_up.set()
+        if not lazy:
+            raise Unavailable(f"{target} did not unmount within {wait:.0f}s (its storage does not "
+                              "answer); retry once it does") from None
         did = False
         while _libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
             did = True

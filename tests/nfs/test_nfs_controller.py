@@ -454,5 +454,24 @@ def test_image_layout_controller(nfs_driver: Driver, nfs_server: NfsServer, name
         volume_content_source=pb.VolumeContentSource(
             volume=pb.VolumeContentSource.VolumeSource(volume_id=vol.volume_id))))
     ) == grpc.StatusCode.INVALID_ARGUMENT
-    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    # Nor an image from a directory volume's snapshot (mkfs would hide the restored files).
+    plain = create(nfs_driver, name + "-plain")
+    snap = snapshot_ready(nfs_driver, name + "-plain-snap", plain.volume_id)
+    assert status_of(lambda: create_from_snapshot(
+        nfs_driver, name + "-as-image", snap.snapshot_id, volumeLayout="image")
+    ) == grpc.StatusCode.INVALID_ARGUMENT
+    nfs_driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    for v in (vol, plain):
+        nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
     assert not image.exists()
+
+
+def create_from_snapshot(driver: Driver, name: str, snapshot_id: str, **params: str
+                         ) -> pb.Volume:
+    return driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=name, volume_capabilities=[mount_cap(Mode.SINGLE_NODE_WRITER)],
+        capacity_range=pb.CapacityRange(required_bytes=10 * MiB),
+        parameters={"backend": "nfs", **params},
+        volume_content_source=pb.VolumeContentSource(
+            snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id))),
+        timeout=30).volume

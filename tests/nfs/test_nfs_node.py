@@ -16,6 +16,7 @@ import pytest
 from csi_driver.csi import csi_pb2 as pb
 from csi_driver.csi import csi_pb2_grpc as pb_grpc
 
+from ..conftest import status_of
 from ..harness import Driver, MiB, mount_cap, write_config
 from .guest import Guest, missing, start_guest
 from .server import NfsServer
@@ -223,6 +224,19 @@ def test_image_layout_enforces_size_and_survives_restore(
     assert full.returncode != 0 and "No space left" in full.stderr  # 10 MiB volume
     vol.sh(f"rm {vol.target}/fill && sync")
     before = vol.stats().usage[0].total
+    # Attached: held for this node, and not copied while mounted.
+    assert (nfs_server.export_dir / name / "attached").read_text() == "uml-node"
+    assert status_of(lambda: nfs_driver.controller.CreateSnapshot(pb.CreateSnapshotRequest(
+        name=name + "-early", source_volume_id=vol.volume.volume_id))
+    ) == grpc.StatusCode.FAILED_PRECONDITION
+    (nfs_server.export_dir / name / "attached").write_text("other-node")
+    other = f"/mnt/{name}/other"
+    assert guest.run(["mkdir", "-p", other]).returncode == 0
+    assert status_of(lambda: node.NodeStageVolume(pb.NodeStageVolumeRequest(
+        volume_id=vol.volume.volume_id, staging_target_path=other, volume_capability=vol.cap,
+        volume_context=vol.volume.volume_context), timeout=60)
+    ) == grpc.StatusCode.FAILED_PRECONDITION
+    (nfs_server.export_dir / name / "attached").write_text("uml-node")
 
     nfs_driver.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
         volume_id=vol.volume.volume_id, capacity_range=pb.CapacityRange(required_bytes=40 * MiB),
@@ -239,6 +253,7 @@ def test_image_layout_enforces_size_and_survives_restore(
     node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
         volume_id=vol.volume.volume_id, staging_target_path=vol.staging), timeout=60)
     assert "/dev/loop" not in guest.run(["losetup", "-a"]).stdout
+    assert not (nfs_server.export_dir / name / "attached").exists()
     snap = nfs_driver.controller.CreateSnapshot(pb.CreateSnapshotRequest(
         name=name + "-snap", source_volume_id=vol.volume.volume_id), timeout=30).snapshot
     while not snap.ready_to_use:

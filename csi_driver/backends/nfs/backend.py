@@ -38,7 +38,7 @@ from ..base import (
 )
 from . import share
 from .config import ON_DELETE, NfsConfig, parse_mode
-from .image import IMAGE_FILE, ImageAttacher
+from .image import ATTACHED_FILE, IMAGE_FILE, ImageAttacher
 from .jobs import Job, Jobs
 from .libnfs import Connection, NfsError, Pool
 from .mount import mount_nfs
@@ -75,10 +75,11 @@ class NfsBackend(Backend):
                          config.timeoutSeconds)
         self.jobs = Jobs()
         self.images = ImageAttacher(os.path.join(config.nodeStateDir, name),
-                                    config.timeoutSeconds)
+                                    config.timeoutSeconds, node.node_id)
         self._ready = False
         self._start_lock = threading.Lock()
         self._purge = threading.Event()
+        self._claims = threading.Lock()  # claims are check-then-write: one at a time
 
     # -- connections and errors ----------------------------------------------------------
     def _where(self) -> str:
@@ -213,30 +214,38 @@ class NfsBackend(Backend):
             rec = share.volume_record(conn, local_id)
             if rec is not None:
                 return self._volume(local_id, rec)  # the service compares what was asked
-            share.claim(conn, sub_dir, request.name, local_id)
-            path = f"/{sub_dir}"
-            source_path = (self._source_path(conn, request.source, layout)
+            source_path = (self._source_path(conn, request.source, layout, block)
                            if request.source else "")
+            # "Being made": keeps the claim below alive until the record exists.
+            pending = f"{share.VOLUMES}/{local_id}.pending"
+            share.write_json(conn, pending, {"name": request.name})
+            try:
+                with self._claims:
+                    share.claim(conn, sub_dir, request.name, local_id)
+            except errors.AlreadyExists:
+                share.remove(conn, pending)
+                raise
+            path = f"/{sub_dir}"
             parent = os.path.dirname(path)
             if parent != "/":
                 conn.makedirs(parent, 0o755)
-            pending = f"{share.VOLUMES}/{local_id}.pending"
+            copying = f"{share.VOLUMES}/{local_id}.copying"
             if source_path and self.jobs.get(f"vol-{local_id}") is None:
                 # Our own finished copy (the process died before the record) is adopted;
                 # anything else in the way is somebody's data.
-                ours = (share.read_json(conn, pending) or {}).get("name") == request.name
+                ours = (share.read_json(conn, copying) or {}).get("name") == request.name
                 if conn.exists(path) and not ours:
                     raise errors.AlreadyExists(
                         f"{sub_dir} already holds data (a retained volume?); a volume made from "
                         "a snapshot or a volume needs an empty place: choose another subDir")
                 if not ours:
-                    share.write_json(conn, pending, {"name": request.name})
+                    share.write_json(conn, copying, {"name": request.name})
                 if conn.exists(path):
                     source_path = ""
             elif not source_path:
                 self._make_directory(conn, path, settings)
         if source_path:
-            self._wait_copy(f"vol-{local_id}", source_path, path,
+            self._wait_copy(f"vol-{local_id}", source_path, path, layout == IMAGE,
                             f"copying {request.source.kind if request.source else ''} into "
                             f"volume {request.name!r}")
         if layout == IMAGE:
@@ -258,8 +267,8 @@ class NfsBackend(Backend):
         with self._conn() as conn:
             faults.point("nfs-create-volume")
             share.save_volume(conn, local_id, rec)
-            if request.source:
-                share.remove(conn, f"{share.VOLUMES}/{local_id}.pending")
+            share.remove(conn, f"{share.VOLUMES}/{local_id}.copying")
+            share.remove(conn, f"{share.VOLUMES}/{local_id}.pending")
         return self._volume(local_id, rec)
 
     @staticmethod
@@ -300,19 +309,18 @@ class NfsBackend(Backend):
             conn.lchown(path, int(settings["uid"] or st.uid), int(settings["gid"] or st.gid))
         conn.chmod(path, parse_mode(settings["mountPermissions"]))
 
-    def _source_path(self, conn: Connection, source: Source, layout: str) -> str:
+    def _source_path(self, conn: Connection, source: Source, layout: str, block: bool) -> str:
         if source.kind == "volume":
             rec = share.volume_record(conn, source.local_id)
             if rec is None:
                 raise errors.NotFound(f"source volume {self.name}:{source.local_id} does not exist")
-            self._same_layout(rec.layout, layout)
+            self._same_kind((rec.layout, rec.block), (layout, block))
+            self._not_attached(conn, rec)
             return f"/{rec.sub_dir}"
         snap = share.snapshot_record(conn, source.local_id)
         if snap is None:
             raise errors.NotFound(f"snapshot {self.name}:{source.local_id} does not exist")
-        origin = share.volume_record(conn, snap.source_volume)
-        if origin is not None:
-            self._same_layout(origin.layout, layout)
+        self._same_kind((snap.layout, snap.block), (layout, block))
         if not self._snapshot_ready(conn, source.local_id):
             raise errors.Aborted(
                 f"snapshot {self.name}:{source.local_id} is not ready yet (its copy is running); "
@@ -320,15 +328,28 @@ class NfsBackend(Backend):
         return f"{share.SNAPSHOTS}/{source.local_id}"
 
     @staticmethod
-    def _same_layout(source: str, wanted: str) -> None:
+    def _not_attached(conn: Connection, rec: share.VolumeRecord) -> None:
+        """An image a node has mounted cannot be copied whole: the copy would be torn."""
+        if rec.layout == IMAGE and conn.exists(f"/{rec.sub_dir}/{ATTACHED_FILE}"):
+            raise errors.FailedPrecondition(
+                f"volume {rec.name!r} is an image attached to a node; a copy of a mounted "
+                "filesystem image would be torn: stop its workload (NodeUnstage) first")
+
+    @staticmethod
+    def _same_kind(source: tuple[str, bool], wanted: tuple[str, bool]) -> None:
+        """A copy keeps what the source is: a directory, a filesystem image, or raw block."""
+        def kind(layout: str, block: bool) -> str:
+            return "raw block" if block else "filesystem image" if layout == IMAGE else "directory"
+
         if source != wanted:
             raise errors.InvalidArgument(
-                f"the source is a {source} volume; a {wanted} volume cannot be made from it")
+                f"the source is a {kind(*source)} volume; a {kind(*wanted)} volume cannot be "
+                "made from it")
 
-    def _wait_copy(self, key: str, src: str, dst: str, what: str) -> bool:
+    def _wait_copy(self, key: str, src: str, dst: str, image: bool, what: str) -> bool:
         """Run (or join) the copy `src` -> `dst` and wait up to copyWaitSeconds; ABORTED while it
         runs on, so the caller's retry picks it up."""
-        job = self.jobs.start(key, lambda job: self._copy(job, src, dst))
+        job = self.jobs.start(key, lambda job: self._copy(job, src, dst, image))
         if not job.done.wait(self.config.copyWaitSeconds):
             raise errors.Aborted(
                 f"{what}: still copying ({job.progress.files} files, "
@@ -340,7 +361,7 @@ class NfsBackend(Backend):
             raise job.error
         return True
 
-    def _copy(self, job: Job, src: str, dst: str) -> None:
+    def _copy(self, job: Job, src: str, dst: str, image: bool) -> None:
         """Copy into tmp, then rename into place: `dst` appears only complete."""
         tmp = f"{share.TMP}/{job.key}"
         progress = job.progress
@@ -357,6 +378,8 @@ class NfsBackend(Backend):
             parent = os.path.dirname(dst)
             if parent != "/":
                 conn.makedirs(parent, 0o755)
+            if image:  # the source's node marker is not the copy's
+                share.remove(conn, f"{tmp}/{ATTACHED_FILE}")
             if job.cancel.is_set():  # deleted meanwhile: the copy must not appear after all
                 raise Cancelled
             conn.rename(tmp, dst)
@@ -381,8 +404,10 @@ class NfsBackend(Backend):
                     if exc.errno != errno.ENOENT:
                         raise
             faults.point("nfs-delete-volume")
-            share.release(conn, rec.sub_dir, rec.name, local_id)
+            # The record first: from then on a retried delete finds nothing to do, so it can
+            # never touch a newer volume that takes the released subDir.
             share.remove(conn, f"{share.VOLUMES}/{local_id}.json")
+            share.release(conn, rec.sub_dir, rec.name, local_id)
 
     def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None:
         self._started()
@@ -441,8 +466,10 @@ class NfsBackend(Backend):
             if rec is None:
                 if volume is None:
                     raise errors.NotFound(f"volume {self.name}:{source_volume} does not exist")
+                self._not_attached(conn, volume)
                 rec = share.SnapshotRecord(name=name, source_volume=source_volume,
-                                           size=volume.size)
+                                           size=volume.size, layout=volume.layout,
+                                           block=volume.block)
                 share.save_snapshot(conn, local_id, rec)
             if self._snapshot_ready(conn, local_id):
                 return self._snapshot(local_id, rec, True)
@@ -452,7 +479,7 @@ class NfsBackend(Backend):
                 "delete the snapshot")
         key = f"snap-{local_id}"
         job = self.jobs.start(key, lambda job: self._copy(
-            job, f"/{volume.sub_dir}", f"{share.SNAPSHOTS}/{local_id}"))
+            job, f"/{volume.sub_dir}", f"{share.SNAPSHOTS}/{local_id}", volume.layout == IMAGE))
         if job.done.wait(min(self.config.copyWaitSeconds, 1)):
             self.jobs.forget(key)
             if job.error is not None:

@@ -15,16 +15,23 @@ import stat
 from collections.abc import Callable
 
 from ... import errors
-from ...node import devices, filesystems, loop, mounts
+from ...node import bounded, devices, filesystems, loop, mounts
 from ..base import Capability, Condition
 
 IMAGE_FILE = "disk.img"
+# Beside the image while a node has it attached: Kubernetes does not keep a ReadWriteOnce volume
+# to one node without an attach step (this driver has none), and the controller must not copy
+# an image a node has mounted.
+ATTACHED_FILE = "attached"
 
 
 class ImageAttacher:
-    def __init__(self, state_dir: str, timeout: float) -> None:
-        self.state_dir = state_dir
+    def __init__(self, state_dir: str, timeout: float, node_id: str) -> None:
+        # Resolved once (it is local): the kernel records loop backing files resolved, and
+        # devices_of compares without resolving (that would stat the NFS mount).
+        self.state_dir = os.path.realpath(state_dir)
         self.timeout = timeout
+        self.node_id = node_id
 
     def share_dir(self, local_id: str) -> str:
         return os.path.join(self.state_dir, local_id)
@@ -46,27 +53,65 @@ class ImageAttacher:
         if mounts.mount_at(staging) is not None:
             raise errors.AlreadyExists(f"{staging} already holds another mount")
         where = self.share_dir(local_id)
-        if mounts.mount_at(where) is None:
-            os.makedirs(where, 0o700, exist_ok=True)
-            mount_share(where)
+        mounted = claimed = False
+        device = ""
+        attached_before = self.devices_of(local_id)
         try:
+            if mounts.mount_at(where) is None:
+                os.makedirs(where, 0o700, exist_ok=True)
+                mount_share(where)
+                mounted = True
             if not os.path.exists(self.image(local_id)):
                 raise errors.FailedPrecondition(
                     f"{IMAGE_FILE} is missing from the volume's directory on the server")
+            claimed = self._claim(where)
             device = loop.attach(self.image(local_id))
             if cap.block:
                 devices.stage_block(device, staging, read_only)
             else:
                 devices.stage_filesystem(device, staging, fs_type, cap, read_only)
         except BaseException:
-            self.unstage(local_id, staging)
+            # Undo only what this call did: the volume may be staged elsewhere on this node.
+            if device and device not in attached_before:
+                loop.detach(device)
+            if claimed:
+                _remove_marker(where)
+            if mounted:
+                mounts.unmount(where, wait=self.timeout)
             raise
 
+    def _claim(self, where: str) -> bool:
+        """Hold the image for this node; True when this call made the marker."""
+        marker = os.path.join(where, ATTACHED_FILE)
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            with open(marker) as f:
+                holder = f.read().strip()
+            if holder != self.node_id:
+                raise errors.FailedPrecondition(
+                    f"the image volume is attached to node {holder!r}; it can be used by one "
+                    f"node at a time (if that node is gone for good, remove {ATTACHED_FILE} "
+                    "from the volume's directory on the server)") from None
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(self.node_id)
+        return True
+
     def unstage(self, local_id: str, staging: str) -> None:
-        devices.unstage(staging)
+        # Never lazily: a filesystem detached with data unwritten would write it into the image
+        # whenever the server returns, perhaps while another node has the image mounted.
+        devices.unstage(staging, lazy=False)
         for device in self.devices_of(local_id):
             loop.detach(device)
+        if self.devices_of(local_id):  # still busy: detach only marked it to clear later
+            raise errors.Unavailable("the volume's loop device is still in use; retry")
         where = self.share_dir(local_id)
+        if mounts.mount_at(where) is not None:
+            # Bounded: the server may be gone, and then the marker stays (this node may
+            # stage again; another node is told whose it is).
+            with contextlib.suppress(errors.Unavailable):
+                bounded.call(f"release:{where}", _remove_marker, where, timeout=self.timeout)
         mounts.unmount(where, wait=self.timeout)
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(where)
@@ -92,9 +137,14 @@ class ImageAttacher:
         # fetch its new size (its cached attributes could be a minute old) before the loop
         # device asks.
         mounts.touch_open(self.image(local_id))
+        try:
+            block = stat.S_ISBLK(os.stat(volume_path).st_mode)
+        except OSError:
+            block = False
         for device in self.devices_of(local_id):
             loop.refresh_size(device)
-            found = filesystems.detect(device)
+            # A raw block volume's filesystem, if any, belongs to its user: never resize it.
+            found = "" if block else filesystems.detect(device)
             if found and mounts.mount_at(volume_path) is not None:
                 filesystems.grow_online(device, volume_path, found)
             size = loop.device_size(device)
@@ -109,3 +159,8 @@ class ImageAttacher:
         if not self.devices_of(local_id):
             return Condition(True, "the volume's loop device is gone")
         return Condition(False, "")
+
+
+def _remove_marker(where: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(where, ATTACHED_FILE))

@@ -66,6 +66,8 @@ class SnapshotRecord:
     source_volume: str
     size: int
     created: float = field(default_factory=time.time)
+    layout: str = "directory"  # the source's, so a restore is of the same kind
+    block: bool = False
 
 
 def render_sub_dir(template: str, parameters: dict[str, str], volume_name: str) -> str:
@@ -189,36 +191,9 @@ def claim(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
 
     Each directory above a claimed one holds a marker `<claim>.below/<owner-id>`, so a claim of
     that directory finds its descendants without scanning every claim."""
-    for parent in _ancestors(sub_dir):
-        owner = read_json(conn, _claim_path(parent) + ".json") or {}
-        if owner.get("name") != name and _alive(conn, str(owner.get("volume", ""))):
-            raise errors.AlreadyExists(
-                f"subDir {sub_dir!r} is inside {parent!r}, the directory of volume "
-                f"{owner.get('name')!r}")
-    below = _claim_path(sub_dir) + ".below"
-    try:
-        for marker, _ in conn.listdir(below):
-            if marker != local_id and _alive(conn, marker):
-                raise errors.AlreadyExists(
-                    f"subDir {sub_dir!r} holds the directory of another volume ({marker})")
-    except NfsError as exc:
-        if exc.errno != errno.ENOENT:
-            raise
-    path = _claim_path(sub_dir) + ".json"
-    mine = json.dumps({"name": name, "volume": local_id}).encode()
-    try:
-        with conn.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) as fh:
-            conn.pwrite(fh, 0, mine)
-    except NfsError as exc:
-        if exc.errno != errno.EEXIST:
-            raise
-        owner = read_json(conn, path) or {}
-        if owner.get("name") != name:
-            if _alive(conn, str(owner.get("volume", ""))):
-                raise errors.AlreadyExists(
-                    f"subDir {sub_dir!r} already belongs to volume {owner.get('name')!r}"
-                ) from None
-            write_json(conn, path, {"name": name, "volume": local_id})
+    # Write first, check after: of two creates racing (one above the other), the later
+    # check sees the earlier write, whichever process it runs in.
+    markers = []
     for parent in _ancestors(sub_dir):
         marker_dir = _claim_path(parent) + ".below"
         try:
@@ -227,7 +202,48 @@ def claim(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
             if exc.errno != errno.EEXIST:
                 raise
         with conn.open(f"{marker_dir}/{local_id}", os.O_WRONLY | os.O_CREAT, 0o600):
-            pass
+            markers.append(f"{marker_dir}/{local_id}")
+    path = _claim_path(sub_dir) + ".json"
+    try:
+        _take(conn, path, sub_dir, name, local_id)
+        for parent in _ancestors(sub_dir):
+            owner = read_json(conn, _claim_path(parent) + ".json") or {}
+            if owner.get("name") != name and _alive(conn, str(owner.get("volume", ""))):
+                raise errors.AlreadyExists(
+                    f"subDir {sub_dir!r} is inside {parent!r}, the directory of volume "
+                    f"{owner.get('name')!r}")
+        try:
+            for marker, _ in conn.listdir(_claim_path(sub_dir) + ".below"):
+                if marker != local_id and _alive(conn, marker):
+                    raise errors.AlreadyExists(
+                        f"subDir {sub_dir!r} holds the directory of another volume ({marker})")
+        except NfsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+    except errors.AlreadyExists:
+        for marker in markers:
+            remove(conn, marker)
+        if (read_json(conn, path) or {}).get("name") == name:
+            remove(conn, path)
+        raise
+
+
+def _take(conn: Connection, path: str, sub_dir: str, name: str, local_id: str) -> None:
+    mine = json.dumps({"name": name, "volume": local_id}).encode()
+    try:
+        with conn.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) as fh:
+            conn.pwrite(fh, 0, mine)
+        return
+    except NfsError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+    owner = read_json(conn, path) or {}
+    if owner.get("name") == name:
+        return
+    if _alive(conn, str(owner.get("volume", ""))):
+        raise errors.AlreadyExists(
+            f"subDir {sub_dir!r} already belongs to volume {owner.get('name')!r}")
+    write_json(conn, path, {"name": name, "volume": local_id})
 
 
 def release(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
