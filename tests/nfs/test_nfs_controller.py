@@ -179,6 +179,24 @@ def test_volumes_never_nest(nfs_driver: Driver, nfs_server: NfsServer, name: str
     nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=outer.volume_id))
 
 
+def test_abandoned_create_releases_its_subdir(nfs_driver: Driver, nfs_server: NfsServer,
+                                              name: str) -> None:
+    """A create that never finished (its PVC deleted while it failed) holds its subDir only
+    while the provisioner could still retry it."""
+    blocked = create(nfs_driver, name)
+    berth = nfs_server.export_dir / ".berth"
+    local = blocked.volume_id.split(":", 1)[1]
+    # Make the volume look like a create in progress: no record, a fresh .pending.
+    (berth / "volumes" / f"{local}.json").rename(berth / "volumes" / f"{local}.pending")
+    assert status_of(lambda: create(nfs_driver, name + "-2", subDir=name)
+                     ) == grpc.StatusCode.ALREADY_EXISTS
+    hours_ago = time.time() - 2 * 3600
+    os.utime(berth / "volumes" / f"{local}.pending", (hours_ago, hours_ago))
+    taken = create(nfs_driver, name + "-2", subDir=name)
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=taken.volume_id))
+    (berth / "volumes" / f"{local}.pending").unlink()
+
+
 def test_directory_mode_and_owner(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:
     vol = create(nfs_driver, name, mountPermissions="0750", uid="1001", gid="2002")
     st = (nfs_server.export_dir / name).stat()
@@ -244,12 +262,7 @@ def test_snapshot_restore_and_clone_keep_everything(nfs_driver: Driver, nfs_serv
     assert snap.source_volume_id == vol.volume_id and snap.size_bytes == 10 * MiB
     (source / "dir" / "file").write_text("changed after the snapshot")
 
-    restored = nfs_driver.controller.CreateVolume(pb.CreateVolumeRequest(
-        name=name + "-restored", volume_capabilities=[mount_cap()],
-        capacity_range=pb.CapacityRange(required_bytes=10 * MiB), parameters={"backend": "nfs"},
-        volume_content_source=pb.VolumeContentSource(
-            snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id)),
-    ), timeout=30).volume
+    restored = create_from_snapshot(nfs_driver, name + "-restored", snap.snapshot_id)
     assert tree(nfs_server.export_dir / (name + "-restored")) == expected
 
     clone = nfs_driver.controller.CreateVolume(pb.CreateVolumeRequest(

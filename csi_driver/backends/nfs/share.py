@@ -36,6 +36,9 @@ VOLUMES, SNAPSHOTS, CLAIMS, TMP, TRASH = (
     f"{META}/{d}" for d in ("volumes", "snapshots", "claims", "tmp", "trash"))
 
 K8S = "csi.storage.k8s.io/"
+# A create retried by the provisioner rewrites its .pending at least this often (its backoff
+# tops out at minutes); one untouched for longer was abandoned and no longer holds its subDir.
+PENDING_TTL = 3600.0
 # Template variables and the external-provisioner metadata parameter that fills each.
 TEMPLATE_VARS = {
     "pvc.metadata.name": K8S + "pvc/name",
@@ -173,9 +176,17 @@ def _claim_path(sub_dir: str) -> str:
 
 
 def _alive(conn: Connection, local_id: str) -> bool:
-    """Whether volume `local_id` exists or is being made (its copy under way)."""
-    return bool(local_id) and (conn.exists(f"{VOLUMES}/{local_id}.json")
-                               or conn.exists(f"{VOLUMES}/{local_id}.pending"))
+    """Whether volume `local_id` exists or is being made: its create wrote `.pending` within
+    PENDING_TTL (every retry writes it again, so only an abandoned create goes stale)."""
+    if not local_id or conn.exists(f"{VOLUMES}/{local_id}.json"):
+        return bool(local_id)
+    try:
+        written = conn.lstat(f"{VOLUMES}/{local_id}.pending").mtime_ns / 1e9
+    except NfsError as exc:
+        if exc.errno == errno.ENOENT:
+            return False
+        raise
+    return time.time() - written < PENDING_TTL
 
 
 def _ancestors(sub_dir: str) -> list[str]:
