@@ -186,15 +186,18 @@ def test_abandoned_create_releases_its_subdir(nfs_driver: Driver, nfs_server: Nf
     blocked = create(nfs_driver, name)
     berth = nfs_server.export_dir / ".berth"
     local = blocked.volume_id.split(":", 1)[1]
-    # Make the volume look like a create in progress: no record, a fresh .pending.
-    (berth / "volumes" / f"{local}.json").rename(berth / "volumes" / f"{local}.pending")
+    # Make the volume look like a create in progress: a claim, no record yet.
+    record = berth / "volumes" / f"{local}.json"
+    record.rename(berth / "saved.json")
     assert status_of(lambda: create(nfs_driver, name + "-2", subDir=name)
                      ) == grpc.StatusCode.ALREADY_EXISTS
+    claim = next(p for p in (berth / "claims").glob("*.json") if name + '"' in p.read_text())
     hours_ago = time.time() - 2 * 3600
-    os.utime(berth / "volumes" / f"{local}.pending", (hours_ago, hours_ago))
+    os.utime(claim, (hours_ago, hours_ago))
     taken = create(nfs_driver, name + "-2", subDir=name)
+    assert name + "-2" in claim.read_text()
     nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=taken.volume_id))
-    (berth / "volumes" / f"{local}.pending").unlink()
+    (berth / "saved.json").unlink()
 
 
 def test_directory_mode_and_owner(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:

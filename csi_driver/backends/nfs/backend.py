@@ -216,15 +216,8 @@ class NfsBackend(Backend):
                 return self._volume(local_id, rec)  # the service compares what was asked
             source_path = (self._source_path(conn, request.source, layout, block)
                            if request.source else "")
-            # "Being made": keeps the claim below alive until the record exists.
-            pending = f"{share.VOLUMES}/{local_id}.pending"
-            share.write_json(conn, pending, {"name": request.name})
-            try:
-                with self._claims:
-                    share.claim(conn, sub_dir, request.name, local_id)
-            except errors.AlreadyExists:
-                share.remove(conn, pending)
-                raise
+            with self._claims:
+                share.claim(conn, sub_dir, request.name, local_id)
             path = f"/{sub_dir}"
             parent = os.path.dirname(path)
             if parent != "/":
@@ -267,8 +260,8 @@ class NfsBackend(Backend):
         with self._conn() as conn:
             faults.point("nfs-create-volume")
             share.save_volume(conn, local_id, rec)
-            share.remove(conn, f"{share.VOLUMES}/{local_id}.copying")
-            share.remove(conn, f"{share.VOLUMES}/{local_id}.pending")
+            if request.source:
+                share.remove(conn, f"{share.VOLUMES}/{local_id}.copying")
         return self._volume(local_id, rec)
 
     @staticmethod

@@ -363,7 +363,7 @@ class Pool:
     """Idle connections to one export, reused across RPCs (a mount costs ~2 ms)."""
 
     def __init__(self, server: str, export: str, version: int, timeout: float,
-                 keep: int = 16) -> None:
+                 keep: int = 32) -> None:
         self.server, self.export, self.version, self.timeout = server, export, version, timeout
         self._idle: queue.LifoQueue[Connection] = queue.LifoQueue(maxsize=keep)
         self._lock = threading.Lock()
@@ -373,7 +373,10 @@ class Pool:
         try:
             conn = self._idle.get_nowait()
         except queue.Empty:
-            conn = Connection(self.server, self.export, self.version, self.timeout)
+            # One connect at a time: a burst of them overflows the server's accept queue, and
+            # each dropped SYN costs its caller a whole second.
+            with self._lock:
+                conn = Connection(self.server, self.export, self.version, self.timeout)
         healthy = False
         try:
             yield conn

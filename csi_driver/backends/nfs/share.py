@@ -2,7 +2,7 @@
 
   <subDir>/                   a volume's files, where the subDir template puts them
   .berth/volumes/<id>.json    a volume's record (written last on create, removed last on delete)
-  .berth/volumes/<id>.pending a create from a source whose copy has started
+  .berth/volumes/<id>.copying a create from a source whose copy has started
   .berth/claims/<hash>.json   which volume owns a subDir (so two volumes never share one)
   .berth/claims/<hash>.below/ volumes below a directory (so no volume holds another)
   .berth/snapshots/<id>.json  a snapshot's record, written when its copy starts
@@ -36,8 +36,8 @@ VOLUMES, SNAPSHOTS, CLAIMS, TMP, TRASH = (
     f"{META}/{d}" for d in ("volumes", "snapshots", "claims", "tmp", "trash"))
 
 K8S = "csi.storage.k8s.io/"
-# A create retried by the provisioner rewrites its .pending at least this often (its backoff
-# tops out at minutes); one untouched for longer was abandoned and no longer holds its subDir.
+# A create retried by the provisioner refreshes its claim at least this often (its backoff tops
+# out at minutes); a claim without a record untouched for longer was abandoned.
 PENDING_TTL = 3600.0
 # Template variables and the external-provisioner metadata parameter that fills each.
 TEMPLATE_VARS = {
@@ -175,13 +175,15 @@ def _claim_path(sub_dir: str) -> str:
     return f"{CLAIMS}/{ids.local_id_for_name(sub_dir)}"
 
 
-def _alive(conn: Connection, local_id: str) -> bool:
-    """Whether volume `local_id` exists or is being made: its create wrote `.pending` within
-    PENDING_TTL (every retry writes it again, so only an abandoned create goes stale)."""
-    if not local_id or conn.exists(f"{VOLUMES}/{local_id}.json"):
-        return bool(local_id)
+def _alive(conn: Connection, local_id: str, mark: str) -> bool:
+    """Whether volume `local_id`, which wrote `mark` (its claim or a marker), exists or is being
+    made: every CreateVolume call refreshes its marks, so only an abandoned create's go stale."""
+    if not local_id:
+        return False
+    if conn.exists(f"{VOLUMES}/{local_id}.json"):
+        return True
     try:
-        written = conn.lstat(f"{VOLUMES}/{local_id}.pending").mtime_ns / 1e9
+        written = conn.lstat(mark).mtime_ns / 1e9
     except NfsError as exc:
         if exc.errno == errno.ENOENT:
             return False
@@ -194,17 +196,30 @@ def _ancestors(sub_dir: str) -> list[str]:
     return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
+def _mark(conn: Connection, path: str) -> bool:
+    """Create `path` empty, or refresh its time; True when this call created it."""
+    try:
+        with conn.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600):
+            return True
+    except NfsError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+    now = time.time_ns()
+    conn.lutimes(path, now, now)
+    return False
+
+
 def claim(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
     """Make volume `name` the owner of `sub_dir`; ALREADY_EXISTS if another volume owns it, a
     directory above it or one below it (a volume inside another would be exposed to its pod and
-    trashed with it). A claim whose owner has neither a record nor a copy under way is left from
-    a create that never finished, and is taken over.
+    trashed with it). A claim whose owner has no record and that no CreateVolume has refreshed
+    for PENDING_TTL was abandoned, and is taken over.
 
     Each directory above a claimed one holds a marker `<claim>.below/<owner-id>`, so a claim of
     that directory finds its descendants without scanning every claim."""
     # Write first, check after: of two creates racing (one above the other), the later
     # check sees the earlier write, whichever process it runs in.
-    markers = []
+    made = []
     for parent in _ancestors(sub_dir):
         marker_dir = _claim_path(parent) + ".below"
         try:
@@ -212,49 +227,55 @@ def claim(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
         except NfsError as exc:
             if exc.errno != errno.EEXIST:
                 raise
-        with conn.open(f"{marker_dir}/{local_id}", os.O_WRONLY | os.O_CREAT, 0o600):
-            markers.append(f"{marker_dir}/{local_id}")
+        if _mark(conn, f"{marker_dir}/{local_id}"):
+            made.append(f"{marker_dir}/{local_id}")
     path = _claim_path(sub_dir) + ".json"
     try:
-        _take(conn, path, sub_dir, name, local_id)
+        if _take(conn, path, sub_dir, name, local_id):
+            made.append(path)
         for parent in _ancestors(sub_dir):
-            owner = read_json(conn, _claim_path(parent) + ".json") or {}
-            if owner.get("name") != name and _alive(conn, str(owner.get("volume", ""))):
+            parent_claim = _claim_path(parent) + ".json"
+            owner = read_json(conn, parent_claim) or {}
+            if owner.get("name") != name and _alive(conn, str(owner.get("volume", "")),
+                                                     parent_claim):
                 raise errors.AlreadyExists(
                     f"subDir {sub_dir!r} is inside {parent!r}, the directory of volume "
                     f"{owner.get('name')!r}")
+        below = _claim_path(sub_dir) + ".below"
         try:
-            for marker, _ in conn.listdir(_claim_path(sub_dir) + ".below"):
-                if marker != local_id and _alive(conn, marker):
+            for marker, _ in conn.listdir(below):
+                if marker != local_id and _alive(conn, marker, f"{below}/{marker}"):
                     raise errors.AlreadyExists(
                         f"subDir {sub_dir!r} holds the directory of another volume ({marker})")
         except NfsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
     except errors.AlreadyExists:
-        for marker in markers:
-            remove(conn, marker)
-        if (read_json(conn, path) or {}).get("name") == name:
-            remove(conn, path)
+        for made_path in made:
+            remove(conn, made_path)
         raise
 
 
-def _take(conn: Connection, path: str, sub_dir: str, name: str, local_id: str) -> None:
+def _take(conn: Connection, path: str, sub_dir: str, name: str, local_id: str) -> bool:
+    """Own the claim file; True when this call wrote it."""
     mine = json.dumps({"name": name, "volume": local_id}).encode()
     try:
         with conn.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) as fh:
             conn.pwrite(fh, 0, mine)
-        return
+        return True
     except NfsError as exc:
         if exc.errno != errno.EEXIST:
             raise
     owner = read_json(conn, path) or {}
     if owner.get("name") == name:
-        return
-    if _alive(conn, str(owner.get("volume", ""))):
+        now = time.time_ns()
+        conn.lutimes(path, now, now)  # a retry: still being made
+        return False
+    if _alive(conn, str(owner.get("volume", "")), path):
         raise errors.AlreadyExists(
             f"subDir {sub_dir!r} already belongs to volume {owner.get('name')!r}")
     write_json(conn, path, {"name": name, "volume": local_id})
+    return True
 
 
 def release(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
