@@ -20,7 +20,6 @@ from ... import errors, faults, ids
 from ...node import bounded, devices, mounts
 from ..base import (
     NO_SECRETS,
-    SINGLE_NODE_MODES,
     AccessMode,
     Backend,
     BackendConfig,
@@ -36,8 +35,8 @@ from ..base import (
     Volume,
     VolumeRequest,
 )
-from . import share
-from .config import ON_DELETE, NfsConfig, parse_mode
+from . import failures, share, volumes
+from .config import NfsConfig
 from .image import ATTACHED_FILE, IMAGE_FILE, ImageAttacher
 from .jobs import Job, Jobs
 from .libnfs import Connection, NfsError, Pool
@@ -45,13 +44,7 @@ from .mount import mount_nfs
 from .tree import Cancelled, copy_tree, remove_tree
 
 log = logging.getLogger(__name__)
-PARAMETERS = frozenset({"subDir", "onDelete", "mountPermissions", "uid", "gid", "mountOptions",
-                        "nfsVersion", "volumeLayout"})
-IMAGE = "image"
-# libnfs reports a call that timed out as EINTR ("Command timed out").
-_UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
-                          errno.ENETUNREACH, errno.ECONNRESET, errno.EPIPE, errno.EIO,
-                          errno.EINTR})
+
 
 
 class NfsBackend(Backend):
@@ -60,7 +53,7 @@ class NfsBackend(Backend):
     features = Features(
         access_modes=frozenset(AccessMode),
         block=True,  # image layout only
-        parameters=PARAMETERS,
+        parameters=volumes.PARAMETERS,
         snapshots=True,
         clones=True,
         expansion=Expansion.ONLINE,
@@ -82,47 +75,17 @@ class NfsBackend(Backend):
         self._claims = threading.Lock()  # claims are check-then-write: one at a time
 
     # -- connections and errors ----------------------------------------------------------
-    def _where(self) -> str:
-        return f"{self.config.server}:{self.config.share}"
-
-    def _error(self, exc: NfsError) -> errors.CsiError:
-        """The gRPC error for a libnfs failure, with the server's own words."""
-        text = exc.strerror or str(exc)
-        code = exc.errno or 0
-        if "resolv" in text or "Invalid address" in text:
-            return errors.InvalidArgument(f"NFS server {self.config.server!r} does not "
-                                          f"resolve: {text}")
-        if code in _UNREACHABLE or "connect" in text.lower():
-            return errors.Unavailable(f"NFS server {self.config.server} is not reachable: {text}")
-        if code == errno.ENOENT and (exc.strerror or "").startswith("mount of"):
-            return errors.NotFound(f"{self._where()} is not exported: {text}")
-        if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return errors.PermissionDenied(f"{self._where()}: {text}")
-        if code in (errno.ENOSPC, errno.EDQUOT):
-            return errors.ResourceExhausted(f"{self._where()} is full: {text}")
-        return errors.Internal(f"{self._where()}: {text}")
-
-    def _mount_error(self, exc: NfsError) -> errors.CsiError:
-        # Ganesha and knfsd answer MNT3ERR_ACCES for an export they do not have; NFSv4's
-        # pseudo filesystem tells "no such export" apart from "not allowed".
-        if exc.errno == errno.EACCES and self.config.controllerVersion == 3:
-            try:
-                Connection(self.config.server, self.config.share, 4,
-                           self.config.timeoutSeconds).close()
-            except NfsError as v4:
-                if v4.errno == errno.ENOENT:
-                    return errors.NotFound(
-                        f"{self._where()} is not exported to us (v3: {exc}; v4: {v4})")
-        return self._error(exc)
-
     @contextmanager
     def _conn(self) -> Iterator[Connection]:
         try:
             with self.pool.connection() as conn:
                 yield conn
         except NfsError as exc:
-            raise (self._mount_error(exc) if (exc.strerror or "").startswith("mount of")
-                   else self._error(exc)) from exc
+            c = self.config
+            raise (failures.mount_to_csi(exc, c.server, c.share, c.controllerVersion,
+                                         c.timeoutSeconds)
+                   if (exc.strerror or "").startswith("mount of")
+                   else failures.to_csi(exc, c.server, c.share)) from exc
 
     # -- identity ------------------------------------------------------------------------
     def probe(self) -> None:
@@ -172,44 +135,23 @@ class NfsBackend(Backend):
         if conn is not None:
             present = conn.exists(f"/{rec.sub_dir}")
             cond = Condition(not present, "" if present else
-                             f"directory {rec.sub_dir} is missing from {self._where()}")
+                             f"directory {rec.sub_dir} is missing from "
+                             f"{self.config.server}:{self.config.share}")
         return Volume(
             local_id=local_id, name=rec.name, size=rec.size, parameters=rec.parameters,
             context=rec.context, condition=cond, block=rec.block,
             source=Source(rec.source_kind, rec.source_id) if rec.source_kind else None,
         )
 
-    def _settings(self, parameters: Mapping[str, str]) -> dict[str, str]:
-        """Per-volume settings: StorageClass parameters over the backend's defaults."""
-        c = self.config
-        got = {"subDir": c.subDir, "onDelete": c.onDelete, "mountPermissions": c.mountPermissions,
-               "nfsVersion": c.nfsVersion, "mountOptions": ",".join(c.mountOptions),
-               "uid": "", "gid": "", "volumeLayout": c.volumeLayout}
-        got.update({k: v for k, v in parameters.items() if k in PARAMETERS})
-        if got["onDelete"] not in ON_DELETE:
-            raise errors.InvalidArgument(f"onDelete must be one of {', '.join(ON_DELETE)}")
-        try:
-            parse_mode(got["mountPermissions"])
-        except ValueError as exc:
-            raise errors.InvalidArgument(f"mountPermissions: {exc}") from exc
-        for key in ("uid", "gid"):
-            if got[key] and not got[key].isdigit():
-                raise errors.InvalidArgument(f"{key} must be a number, not {got[key]!r}")
-        if got["volumeLayout"] not in ("directory", IMAGE):
-            raise errors.InvalidArgument("volumeLayout must be directory or image")
-        if got["nfsVersion"] not in ("3", "4", "4.0", "4.1", "4.2"):
-            raise errors.InvalidArgument("nfsVersion must be one of 3, 4, 4.0, 4.1, 4.2")
-        return got
-
     # -- controller: volumes -------------------------------------------------------------
     def create_volume(self, request: VolumeRequest) -> Volume:
         self._started()
-        settings = self._settings(request.parameters)
+        settings = volumes.settings(self.config, request.parameters)
         sub_dir = share.render_sub_dir(settings["subDir"], dict(request.parameters),
                                        request.name)
         local_id = ids.local_id_for_name(request.name)
         layout = settings["volumeLayout"]
-        block = self._check_capabilities(layout, request)
+        block = volumes.check_capabilities(layout, request)
         with self._conn() as conn:
             rec = share.volume_record(conn, local_id)
             if rec is not None:
@@ -236,14 +178,14 @@ class NfsBackend(Backend):
                 if conn.exists(path):
                     source_path = ""
             elif not source_path:
-                self._make_directory(conn, path, settings)
+                volumes.make_directory(conn, path, settings)
         if source_path:
-            self._wait_copy(f"vol-{local_id}", source_path, path, layout == IMAGE,
+            self._wait_copy(f"vol-{local_id}", source_path, path, layout == volumes.IMAGE,
                             f"copying {request.source.kind if request.source else ''} into "
                             f"volume {request.name!r}")
-        if layout == IMAGE:
+        if layout == volumes.IMAGE:
             with self._conn() as conn:
-                self._grow_image(conn, f"{path}/{IMAGE_FILE}", request.size, create=True)
+                volumes.grow_image(conn, f"{path}/{IMAGE_FILE}", request.size, create=True)
         rec = share.VolumeRecord(
             name=request.name, sub_dir=sub_dir, size=request.size,
             parameters=dict(request.parameters), on_delete=settings["onDelete"],
@@ -251,8 +193,8 @@ class NfsBackend(Backend):
                      "subDir": sub_dir, "nfsVersion": settings["nfsVersion"],
                      **({"mountOptions": settings["mountOptions"]}
                         if settings["mountOptions"] else {}),
-                     **({"volumeLayout": IMAGE, "fsType": self.config.fsType}
-                        if layout == IMAGE else {})},
+                     **({"volumeLayout": volumes.IMAGE, "fsType": self.config.fsType}
+                        if layout == volumes.IMAGE else {})},
             source_kind=request.source.kind if request.source else "",
             source_id=request.source.local_id if request.source else "",
             layout=layout, block=block,
@@ -264,80 +206,23 @@ class NfsBackend(Backend):
                 share.remove(conn, f"{share.VOLUMES}/{local_id}.copying")
         return self._volume(local_id, rec)
 
-    @staticmethod
-    def _check_capabilities(layout: str, request: VolumeRequest) -> bool:
-        """Whether the volume is raw block; INVALID_ARGUMENT for what the layout cannot do."""
-        block = any(c.block for c in request.capabilities)
-        if layout != IMAGE:
-            if block:
-                raise errors.InvalidArgument(
-                    "block access needs volumeLayout: image (a directory has no device)")
-            return False
-        if any(c.access_mode not in SINGLE_NODE_MODES for c in request.capabilities):
-            raise errors.InvalidArgument(
-                "volumeLayout image is mounted by one node at a time (ext4/xfs on a shared "
-                "file): ask for a single-node access mode, or use the directory layout")
-        if block and not all(c.block for c in request.capabilities):
-            raise errors.InvalidArgument("a volume is either raw block or a filesystem, not both")
-        return block
-
-    @staticmethod
-    def _grow_image(conn: Connection, image: str, size: int, create: bool = False) -> None:
-        """A sparse image of at least `size` bytes (never shrunk)."""
-        flags = os.O_WRONLY | (os.O_CREAT if create else 0)
-        with conn.open(image, flags, 0o600) as fh:
-            if conn.fstat(fh).size < size:
-                conn.ftruncate(fh, size)
-
-    @staticmethod
-    def _make_directory(conn: Connection, path: str, settings: Mapping[str, str]) -> None:
-        """The volume's directory; one that is already there (retained data) is adopted."""
-        try:
-            conn.mkdir(path, 0o700)
-        except NfsError as exc:
-            if exc.errno != errno.EEXIST:
-                raise
-        if settings["uid"] or settings["gid"]:
-            st = conn.stat(path)
-            conn.lchown(path, int(settings["uid"] or st.uid), int(settings["gid"] or st.gid))
-        conn.chmod(path, parse_mode(settings["mountPermissions"]))
-
     def _source_path(self, conn: Connection, source: Source, layout: str, block: bool) -> str:
         if source.kind == "volume":
             rec = share.volume_record(conn, source.local_id)
             if rec is None:
                 raise errors.NotFound(f"source volume {self.name}:{source.local_id} does not exist")
-            self._same_kind((rec.layout, rec.block), (layout, block))
-            self._not_attached(conn, rec)
+            volumes.same_kind((rec.layout, rec.block), (layout, block))
+            volumes.not_attached(conn, rec)
             return f"/{rec.sub_dir}"
         snap = share.snapshot_record(conn, source.local_id)
         if snap is None:
             raise errors.NotFound(f"snapshot {self.name}:{source.local_id} does not exist")
-        self._same_kind((snap.layout, snap.block), (layout, block))
+        volumes.same_kind((snap.layout, snap.block), (layout, block))
         if not self._snapshot_ready(conn, source.local_id):
             raise errors.Aborted(
                 f"snapshot {self.name}:{source.local_id} is not ready yet (its copy is running); "
                 "the restore will go ahead once it is")
         return f"{share.SNAPSHOTS}/{source.local_id}"
-
-    @staticmethod
-    def _not_attached(conn: Connection, rec: share.VolumeRecord) -> None:
-        """An image a node has mounted cannot be copied whole: the copy would be torn."""
-        if rec.layout == IMAGE and conn.exists(f"/{rec.sub_dir}/{ATTACHED_FILE}"):
-            raise errors.FailedPrecondition(
-                f"volume {rec.name!r} is an image attached to a node; a copy of a mounted "
-                "filesystem image would be torn: stop its workload (NodeUnstage) first")
-
-    @staticmethod
-    def _same_kind(source: tuple[str, bool], wanted: tuple[str, bool]) -> None:
-        """A copy keeps what the source is: a directory, a filesystem image, or raw block."""
-        def kind(layout: str, block: bool) -> str:
-            return "raw block" if block else "filesystem image" if layout == IMAGE else "directory"
-
-        if source != wanted:
-            raise errors.InvalidArgument(
-                f"the source is a {kind(*source)} volume; a {kind(*wanted)} volume cannot be "
-                "made from it")
 
     def _wait_copy(self, key: str, src: str, dst: str, image: bool, what: str) -> bool:
         """Run (or join) the copy `src` -> `dst` and wait up to copyWaitSeconds; ABORTED while it
@@ -348,11 +233,16 @@ class NfsBackend(Backend):
                 f"{what}: still copying ({job.progress.files} files, "
                 f"{job.progress.bytes >> 20} MiB so far); retry later")
         self.jobs.forget(key)
-        if job.error is not None:
-            if isinstance(job.error, NfsError):
-                raise self._error(job.error) from job.error
-            raise job.error
+        self._raise_failure(job)
         return True
+
+    def _raise_failure(self, job: Job) -> None:
+        """A finished copy's error, as the RPC that asks about it should report it."""
+        if isinstance(job.error, NfsError):
+            raise failures.to_csi(job.error, self.config.server, self.config.share) \
+                from job.error
+        if job.error is not None:
+            raise job.error
 
     def _copy(self, job: Job, src: str, dst: str, image: bool) -> None:
         """Copy into tmp, then rename into place: `dst` appears only complete."""
@@ -430,12 +320,12 @@ class NfsBackend(Backend):
             rec = share.volume_record(conn, local_id)
             if rec is None:
                 raise errors.NotFound(f"volume {self.name}:{local_id} does not exist")
-            if rec.layout == IMAGE:
-                self._grow_image(conn, f"/{rec.sub_dir}/{IMAGE_FILE}", size)
+            if rec.layout == volumes.IMAGE:
+                volumes.grow_image(conn, f"/{rec.sub_dir}/{IMAGE_FILE}", size)
             if size > rec.size:
                 rec.size = size
                 share.save_volume(conn, local_id, rec)
-            return rec.size, rec.layout == IMAGE
+            return rec.size, rec.layout == volumes.IMAGE
 
     # -- controller: snapshots -----------------------------------------------------------
     @staticmethod
@@ -459,7 +349,7 @@ class NfsBackend(Backend):
             if rec is None:
                 if volume is None:
                     raise errors.NotFound(f"volume {self.name}:{source_volume} does not exist")
-                self._not_attached(conn, volume)
+                volumes.not_attached(conn, volume)
                 rec = share.SnapshotRecord(name=name, source_volume=source_volume,
                                            size=volume.size, layout=volume.layout,
                                            block=volume.block)
@@ -471,13 +361,12 @@ class NfsBackend(Backend):
                 f"the copy of snapshot {name!r} did not finish and its volume is gone; "
                 "delete the snapshot")
         key = f"snap-{local_id}"
+        image = volume.layout == volumes.IMAGE
         job = self.jobs.start(key, lambda job: self._copy(
-            job, f"/{volume.sub_dir}", f"{share.SNAPSHOTS}/{local_id}", volume.layout == IMAGE))
+            job, f"/{volume.sub_dir}", f"{share.SNAPSHOTS}/{local_id}", image))
         if job.done.wait(min(self.config.copyWaitSeconds, 1)):
             self.jobs.forget(key)
-            if job.error is not None:
-                raise (self._error(job.error) if isinstance(job.error, NfsError)
-                       else job.error) from job.error
+            self._raise_failure(job)
             return self._snapshot(local_id, rec, True)
         return self._snapshot(local_id, rec, False)
 
@@ -525,7 +414,7 @@ class NfsBackend(Backend):
         version = context.get("nfsVersion") or self.config.nfsVersion
         read_only = capability.access_mode in (AccessMode.SINGLE_NODE_READER_ONLY,
                                                AccessMode.MULTI_NODE_READER_ONLY)
-        if context.get("volumeLayout") == IMAGE:
+        if context.get("volumeLayout") == volumes.IMAGE:
             self.images.stage(
                 local_id, staging_path, capability,
                 capability.fs_type or context.get("fsType") or self.config.fsType,

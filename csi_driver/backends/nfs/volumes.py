@@ -1,0 +1,94 @@
+"""What a volume is made of on the share: its settings, kind and directory or image."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Mapping
+
+from ... import errors
+from ..base import SINGLE_NODE_MODES, VolumeRequest
+from . import share
+from .config import ON_DELETE, NfsConfig, parse_mode
+from .image import ATTACHED_FILE
+from .libnfs import Connection, NfsError
+
+# StorageClass parameters the backend takes (over its config's defaults).
+PARAMETERS = frozenset({"subDir", "onDelete", "mountPermissions", "uid", "gid", "mountOptions",
+                        "nfsVersion", "volumeLayout"})
+IMAGE = "image"
+
+
+def settings(c: NfsConfig, parameters: Mapping[str, str]) -> dict[str, str]:
+    """Per-volume settings: StorageClass parameters over the backend's defaults."""
+    got = {"subDir": c.subDir, "onDelete": c.onDelete, "mountPermissions": c.mountPermissions,
+           "nfsVersion": c.nfsVersion, "mountOptions": ",".join(c.mountOptions),
+           "uid": "", "gid": "", "volumeLayout": c.volumeLayout}
+    got.update({k: v for k, v in parameters.items() if k in PARAMETERS})
+    if got["onDelete"] not in ON_DELETE:
+        raise errors.InvalidArgument(f"onDelete must be one of {', '.join(ON_DELETE)}")
+    try:
+        parse_mode(got["mountPermissions"])
+    except ValueError as exc:
+        raise errors.InvalidArgument(f"mountPermissions: {exc}") from exc
+    for key in ("uid", "gid"):
+        if got[key] and not got[key].isdigit():
+            raise errors.InvalidArgument(f"{key} must be a number, not {got[key]!r}")
+    if got["volumeLayout"] not in ("directory", IMAGE):
+        raise errors.InvalidArgument("volumeLayout must be directory or image")
+    if got["nfsVersion"] not in ("3", "4", "4.0", "4.1", "4.2"):
+        raise errors.InvalidArgument("nfsVersion must be one of 3, 4, 4.0, 4.1, 4.2")
+    return got
+
+
+def check_capabilities(layout: str, request: VolumeRequest) -> bool:
+    """Whether the volume is raw block; INVALID_ARGUMENT for what the layout cannot do."""
+    block = any(c.block for c in request.capabilities)
+    if layout != IMAGE:
+        if block:
+            raise errors.InvalidArgument(
+                "block access needs volumeLayout: image (a directory has no device)")
+        return False
+    if any(c.access_mode not in SINGLE_NODE_MODES for c in request.capabilities):
+        raise errors.InvalidArgument(
+            "volumeLayout image is mounted by one node at a time (ext4/xfs on a shared "
+            "file): ask for a single-node access mode, or use the directory layout")
+    if block and not all(c.block for c in request.capabilities):
+        raise errors.InvalidArgument("a volume is either raw block or a filesystem, not both")
+    return block
+
+def grow_image(conn: Connection, image: str, size: int, create: bool = False) -> None:
+    """A sparse image of at least `size` bytes (never shrunk)."""
+    flags = os.O_WRONLY | (os.O_CREAT if create else 0)
+    with conn.open(image, flags, 0o600) as fh:
+        if conn.fstat(fh).size < size:
+            conn.ftruncate(fh, size)
+
+def make_directory(conn: Connection, path: str, settings: Mapping[str, str]) -> None:
+    """The volume's directory; one that is already there (retained data) is adopted."""
+    try:
+        conn.mkdir(path, 0o700)
+    except NfsError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+    if settings["uid"] or settings["gid"]:
+        st = conn.stat(path)
+        conn.lchown(path, int(settings["uid"] or st.uid), int(settings["gid"] or st.gid))
+    conn.chmod(path, parse_mode(settings["mountPermissions"]))
+
+def not_attached(conn: Connection, rec: share.VolumeRecord) -> None:
+    """An image a node has mounted cannot be copied whole: the copy would be torn."""
+    if rec.layout == IMAGE and conn.exists(f"/{rec.sub_dir}/{ATTACHED_FILE}"):
+        raise errors.FailedPrecondition(
+            f"volume {rec.name!r} is an image attached to a node; a copy of a mounted "
+            "filesystem image would be torn: stop its workload (NodeUnstage) first")
+
+def same_kind(source: tuple[str, bool], wanted: tuple[str, bool]) -> None:
+    """A copy keeps what the source is: a directory, a filesystem image, or raw block."""
+    def kind(layout: str, block: bool) -> str:
+        return "raw block" if block else "filesystem image" if layout == IMAGE else "directory"
+
+    if source != wanted:
+        raise errors.InvalidArgument(
+            f"the source is a {kind(*source)} volume; a {kind(*wanted)} volume cannot be "
+            "made from it")
