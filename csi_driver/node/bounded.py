@@ -18,6 +18,12 @@ _busy: set[str] = set()
 _guard = threading.Lock()
 
 
+def busy(key: str) -> bool:
+    """Whether a call under `key` is still running (perhaps stuck)."""
+    with _guard:
+        return key in _busy
+
+
 def call(key: str, fn: Callable[..., T], *args: object, timeout: float) -> T:
     with _guard:
         if key in _busy:

@@ -415,12 +415,14 @@ class NfsBackend(Backend):
         read_only = capability.access_mode in (AccessMode.SINGLE_NODE_READER_ONLY,
                                                AccessMode.MULTI_NODE_READER_ONLY)
         if context.get("volumeLayout") == volumes.IMAGE:
-            self.images.stage(
-                local_id, staging_path, capability,
+            # Bounded (losetup, blkid and mkfs on a server that stopped answering never
+            # return); one at a time per volume, so a retry never races a stage still running.
+            bounded.call(
+                f"stage:{local_id}", self.images.stage, local_id, staging_path, capability,
                 capability.fs_type or context.get("fsType") or self.config.fsType,
                 lambda where: mount_nfs(server, path, where, version, options, False,
                                         self.config.timeoutSeconds),
-                read_only)
+                read_only, timeout=self._stage_wait())
             return
         if capability.block:
             raise errors.FailedPrecondition("a directory volume has no block device")
@@ -433,7 +435,13 @@ class NfsBackend(Backend):
         mount_nfs(server, path, staging_path, version, options, read_only,
                   self.config.timeoutSeconds)
 
+    def _stage_wait(self) -> float:
+        return max(120.0, 6.0 * self.config.timeoutSeconds)
+
     def unstage(self, local_id: str, staging_path: str) -> None:
+        if bounded.busy(f"stage:{local_id}"):
+            raise errors.Unavailable("a NodeStage of this volume has not finished yet (is the "
+                                     "server answering?); retry")
         if self.images.is_image(local_id):
             self.images.unstage(local_id, staging_path)
         else:
@@ -451,7 +459,8 @@ class NfsBackend(Backend):
                     secrets: Secrets = NO_SECRETS) -> int:
         if not self.images.is_image(local_id):
             return required  # a directory has no size of its own
-        return self.images.expand(local_id, volume_path)
+        return bounded.call(f"expand:{local_id}", self.images.expand, local_id, volume_path,
+                            timeout=self._stage_wait())
 
     def node_condition(self, local_id: str, volume_path: str) -> Condition:
         image = self.images.condition(local_id)
