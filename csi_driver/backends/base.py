@@ -217,6 +217,12 @@ class Backend(ABC):
         """Whether the mount at `path` shows this volume; backends that can tell override this."""
         return True
 
+    def capability_problem(self, capability: Capability, parameters: Mapping[str, str]
+                           ) -> str | None:
+        """Why a volume made with `parameters` cannot serve `capability` when the backend as a
+        whole can (a layout without raw block, say); None when it can."""
+        return None
+
     def publish_source(self, local_id: str, staging_path: str, capability: Capability) -> str:
         """What NodePublish bind-mounts onto the target: by default the staging path itself."""
         return staging_path

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ..backends.base import AccessMode, Backend, Capability
 from ..csi import csi_pb2 as pb
@@ -36,8 +36,10 @@ def parse_all(caps: Iterable[pb.VolumeCapability]) -> list[Capability]:
     return parsed
 
 
-def unsupported(backend: Backend, cap: Capability) -> str | None:
-    """Why `backend` cannot serve `cap`, or None when it can."""
+def unsupported(backend: Backend, cap: Capability,
+                parameters: Mapping[str, str] | None = None) -> str | None:
+    """Why `backend` cannot serve `cap` (for a volume made with `parameters`, when given), or
+    None when it can."""
     features = backend.features
     if cap.block and not features.block:
         return f"backend {backend.name!r} ({backend.type_name}) does not offer raw block volumes"
@@ -46,11 +48,14 @@ def unsupported(backend: Backend, cap: Capability) -> str | None:
             f"backend {backend.name!r} ({backend.type_name}) does not support access mode "
             f"{cap.access_mode.name}"
         )
+    if parameters is not None:
+        return backend.capability_problem(cap, parameters)
     return None
 
 
-def require_supported(backend: Backend, caps: Iterable[Capability]) -> None:
+def require_supported(backend: Backend, caps: Iterable[Capability],
+                      parameters: Mapping[str, str]) -> None:
     for cap in caps:
-        reason = unsupported(backend, cap)
+        reason = unsupported(backend, cap, parameters)
         if reason:
             raise InvalidArgument(reason)

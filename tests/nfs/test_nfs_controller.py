@@ -482,11 +482,39 @@ def test_image_layout_controller(nfs_driver: Driver, nfs_server: NfsServer, name
     assert not image.exists()
 
 
-def create_from_snapshot(driver: Driver, name: str, snapshot_id: str, **params: str
-                         ) -> pb.Volume:
+def test_copies_are_at_least_their_source(nfs_driver: Driver, nfs_server: NfsServer,
+                                          name: str) -> None:
+    """A restore asked for less than its snapshot holds: as large as the snapshot, or
+    OUT_OF_RANGE when limit_bytes forbids that; capabilities checked against the layout."""
+    vol = create(nfs_driver, name, size=20 * MiB, mode=Mode.SINGLE_NODE_WRITER,
+                 volumeLayout="image")
+    snap = snapshot_ready(nfs_driver, name + "-snap", vol.volume_id)
+    assert status_of(lambda: create_from_snapshot(
+        nfs_driver, name + "-small", snap.snapshot_id, size=10 * MiB, limit=10 * MiB,
+        volumeLayout="image")) == grpc.StatusCode.OUT_OF_RANGE
+    grown = create_from_snapshot(nfs_driver, name + "-grown", snap.snapshot_id, size=10 * MiB,
+                                 volumeLayout="image")
+    assert grown.capacity_bytes == 20 * MiB
+    assert (nfs_server.export_dir / (name + "-grown") / "disk.img").stat().st_size == 20 * MiB
+    rwx = pb.VolumeCapability(mount=pb.VolumeCapability.MountVolume(),
+                              access_mode=pb.VolumeCapability.AccessMode(
+                                  mode=Mode.MULTI_NODE_MULTI_WRITER))
+    checked = nfs_driver.controller.ValidateVolumeCapabilities(
+        pb.ValidateVolumeCapabilitiesRequest(volume_id=vol.volume_id, volume_capabilities=[rwx]))
+    assert not checked.HasField("confirmed") and "one node" in checked.message
+    assert nfs_driver.controller.GetCapacity(pb.GetCapacityRequest(
+        volume_capabilities=[rwx], parameters={"backend": "nfs", "volumeLayout": "image"})
+    ).available_capacity == 0
+    nfs_driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    for v in (vol, grown):
+        nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
+
+
+def create_from_snapshot(driver: Driver, name: str, snapshot_id: str, size: int = 10 * MiB,
+                         limit: int = 0, **params: str) -> pb.Volume:
     return driver.controller.CreateVolume(pb.CreateVolumeRequest(
         name=name, volume_capabilities=[mount_cap(Mode.SINGLE_NODE_WRITER)],
-        capacity_range=pb.CapacityRange(required_bytes=10 * MiB),
+        capacity_range=pb.CapacityRange(required_bytes=size, limit_bytes=limit),
         parameters={"backend": "nfs", **params},
         volume_content_source=pb.VolumeContentSource(
             snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id))),

@@ -156,8 +156,14 @@ class NfsBackend(Backend):
             rec = share.volume_record(conn, local_id)
             if rec is not None:
                 return self._volume(local_id, rec)  # the service compares what was asked
-            source_path = (self._source_path(conn, request.source, layout, block)
-                           if request.source else "")
+            source_path, source_size = (
+                self._source_of(conn, request.source, layout, block) if request.source
+                else ("", 0))
+            # A copy is at least as large as what it copies.
+            if request.limit and source_size > request.limit:
+                raise errors.OutOfRange(
+                    f"the source holds {source_size} bytes; limit_bytes is {request.limit}")
+            size = max(request.size, source_size)
             with self._claims:
                 share.claim(conn, sub_dir, request.name, local_id)
             path = f"/{sub_dir}"
@@ -185,9 +191,9 @@ class NfsBackend(Backend):
                             f"volume {request.name!r}")
         if layout == volumes.IMAGE:
             with self._conn() as conn:
-                volumes.grow_image(conn, f"{path}/{IMAGE_FILE}", request.size, create=True)
+                volumes.grow_image(conn, f"{path}/{IMAGE_FILE}", size, create=True)
         rec = share.VolumeRecord(
-            name=request.name, sub_dir=sub_dir, size=request.size,
+            name=request.name, sub_dir=sub_dir, size=size,
             parameters=dict(request.parameters), on_delete=settings["onDelete"],
             context={"server": self.config.server, "share": self.config.share,
                      "subDir": sub_dir, "nfsVersion": settings["nfsVersion"],
@@ -206,14 +212,16 @@ class NfsBackend(Backend):
                 share.remove(conn, f"{share.VOLUMES}/{local_id}.copying")
         return self._volume(local_id, rec)
 
-    def _source_path(self, conn: Connection, source: Source, layout: str, block: bool) -> str:
+    def _source_of(self, conn: Connection, source: Source, layout: str, block: bool
+                   ) -> tuple[str, int]:
+        """Where a copy comes from, and its size."""
         if source.kind == "volume":
             rec = share.volume_record(conn, source.local_id)
             if rec is None:
                 raise errors.NotFound(f"source volume {self.name}:{source.local_id} does not exist")
             volumes.same_kind((rec.layout, rec.block), (layout, block))
             volumes.not_attached(conn, rec)
-            return f"/{rec.sub_dir}"
+            return f"/{rec.sub_dir}", rec.size
         snap = share.snapshot_record(conn, source.local_id)
         if snap is None:
             raise errors.NotFound(f"snapshot {self.name}:{source.local_id} does not exist")
@@ -222,7 +230,7 @@ class NfsBackend(Backend):
             raise errors.Aborted(
                 f"snapshot {self.name}:{source.local_id} is not ready yet (its copy is running); "
                 "the restore will go ahead once it is")
-        return f"{share.SNAPSHOTS}/{source.local_id}"
+        return f"{share.SNAPSHOTS}/{source.local_id}", snap.size
 
     def _wait_copy(self, key: str, src: str, dst: str, image: bool, what: str) -> bool:
         """Run (or join) the copy `src` -> `dst` and wait up to copyWaitSeconds; ABORTED while it
@@ -434,6 +442,11 @@ class NfsBackend(Backend):
             options += [o for o in flag.split(",") if o]
         mount_nfs(server, path, staging_path, version, options, read_only,
                   self.config.timeoutSeconds)
+
+    def capability_problem(self, capability: Capability, parameters: Mapping[str, str]
+                           ) -> str | None:
+        layout = parameters.get("volumeLayout", self.config.volumeLayout)
+        return volumes.layout_problem(layout, capability)
 
     def _stage_wait(self) -> float:
         return max(120.0, 6.0 * self.config.timeoutSeconds)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 
 from ... import errors
-from ..base import SINGLE_NODE_MODES, VolumeRequest
+from ..base import SINGLE_NODE_MODES, Capability, VolumeRequest
 from . import share
 from .config import ON_DELETE, NfsConfig, parse_mode
 from .image import ATTACHED_FILE
@@ -41,18 +41,23 @@ def settings(c: NfsConfig, parameters: Mapping[str, str]) -> dict[str, str]:
     return got
 
 
+def layout_problem(layout: str, cap: Capability) -> str | None:
+    """Why a volume of `layout` cannot serve `cap`, or None."""
+    if layout != IMAGE and cap.block:
+        return "block access needs volumeLayout: image (a directory has no device)"
+    if layout == IMAGE and cap.access_mode not in SINGLE_NODE_MODES:
+        return ("volumeLayout image is mounted by one node at a time (ext4/xfs on a shared "
+                "file): ask for a single-node access mode, or use the directory layout")
+    return None
+
+
 def check_capabilities(layout: str, request: VolumeRequest) -> bool:
     """Whether the volume is raw block; INVALID_ARGUMENT for what the layout cannot do."""
+    for cap in request.capabilities:
+        problem = layout_problem(layout, cap)
+        if problem:
+            raise errors.InvalidArgument(problem)
     block = any(c.block for c in request.capabilities)
-    if layout != IMAGE:
-        if block:
-            raise errors.InvalidArgument(
-                "block access needs volumeLayout: image (a directory has no device)")
-        return False
-    if any(c.access_mode not in SINGLE_NODE_MODES for c in request.capabilities):
-        raise errors.InvalidArgument(
-            "volumeLayout image is mounted by one node at a time (ext4/xfs on a shared "
-            "file): ask for a single-node access mode, or use the directory layout")
     if block and not all(c.block for c in request.capabilities):
         raise errors.InvalidArgument("a volume is either raw block or a filesystem, not both")
     return block
