@@ -235,19 +235,20 @@ def unmount(target: str, wait: float = 10.0, lazy: bool = True) -> bool:
                 raise
         else:
             raise
-        did = False
-        while _libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
-            did = True
-        return did
+        return _detach_lazily(target)
     except Unavailable:
         given_up.set()
         if not lazy:
             raise Unavailable(f"{target} did not unmount within {wait:.0f}s (its storage does not "
                               "answer); retry once it does") from None
-        did = False
-        while _libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
-            did = True
-        return did
+        return _detach_lazily(target)
+
+
+def _detach_lazily(target: str) -> bool:
+    did = False
+    while _libc.umount2(os.fsencode(target), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
+        did = True
+    return did
 
 
 def touch_open(path: str) -> None:

@@ -125,10 +125,9 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
         caps = capabilities.parse_all(request.volume_capabilities)
         parameters = dict(request.parameters)
         backend_name, backend = self.driver.backend_for_parameters(parameters)
-        capabilities.require_supported(backend, caps,
-                                       self.driver.backend_parameters(parameters))
-        source = _source(request, backend_name, backend)
         own = self.driver.backend_parameters(parameters)
+        capabilities.require_supported(backend, caps, own)
+        source = _source(request, backend_name, backend)
         unknown = sorted(set(own) - backend.features.parameters)
         if unknown:
             known = ", ".join(sorted(backend.features.parameters)) or "none"

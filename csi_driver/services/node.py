@@ -207,9 +207,10 @@ class NodeService(pb_grpc.NodeServicer):
         _require(path, "volume_path")
         parsed, backend = self._volume(volume_id)
         # The mount table first: a stat of a mounted path can hang on a dead NFS server.
-        if mounts.mount_at(path) is None and not os.path.exists(path):
+        mounted = mounts.mount_at(path) is not None
+        if not mounted and not os.path.exists(path):
             raise errors.NotFound(f"volume_path {path} does not exist")
-        if mounts.mount_at(path) is None or not backend.known_on_node(parsed.local) or (
+        if not mounted or not backend.known_on_node(parsed.local) or (
                 strict and not backend.owns_mount(parsed.local, path)):
             raise errors.NotFound(f"volume {volume_id!r} is not mounted at {path}")
         return parsed, backend

@@ -151,7 +151,7 @@ class NfsBackend(Backend):
                                        request.name)
         local_id = ids.local_id_for_name(request.name)
         layout = settings["volumeLayout"]
-        block = volumes.check_capabilities(layout, request)
+        block = volumes.check_capabilities(request)
         with self._conn() as conn:
             rec = share.volume_record(conn, local_id)
             if rec is not None:
@@ -318,7 +318,7 @@ class NfsBackend(Backend):
 
     def capacity(self, parameters: Mapping[str, str]) -> Capacity:
         with self._conn() as conn:
-            return Capacity(available=conn.statvfs("/").available)
+            return Capacity(available=conn.available())
 
     def expand_volume(self, local_id: str, size: int, secrets: Secrets = NO_SECRETS
                       ) -> tuple[int, bool]:

@@ -18,7 +18,6 @@ import errno
 import math
 import os
 import queue
-import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,10 +103,6 @@ def _load() -> ctypes.CDLL | None:
 _lib = _load()
 
 
-def available() -> bool:
-    return _lib is not None
-
-
 class NfsError(OSError):
     """A failed libnfs call: errno plus libnfs's message."""
 
@@ -123,19 +118,6 @@ class Stat:
     atime_ns: int
     mtime_ns: int
     blocks: int  # 512-byte units actually allocated
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-
-@dataclass(frozen=True, slots=True)
-class FsStat:
-    total: int
-    free: int
-    available: int
-    files: int
-    files_free: int
 
 
 def _b(path: str) -> bytes:
@@ -228,13 +210,12 @@ class Connection:
             raise
         return True
 
-    def statvfs(self, path: str = "/") -> FsStat:
+    def available(self, path: str = "/") -> int:
+        """Bytes an unprivileged user can still write on the export (statvfs f_bavail)."""
         st = _Statvfs64()
         assert _lib is not None
         self._check(_lib.nfs_statvfs64(self.ctx, _b(path), ctypes.byref(st)), "statvfs")
-        unit = st.frsize or st.bsize
-        return FsStat(total=st.blocks * unit, free=st.bfree * unit, available=st.bavail * unit,
-                      files=st.files, files_free=st.ffree)
+        return int(st.bavail * (st.frsize or st.bsize))
 
     def mkdir(self, path: str, mode: int = 0o755) -> None:
         assert _lib is not None

@@ -51,12 +51,9 @@ def layout_problem(layout: str, cap: Capability) -> str | None:
     return None
 
 
-def check_capabilities(layout: str, request: VolumeRequest) -> bool:
-    """Whether the volume is raw block; INVALID_ARGUMENT for what the layout cannot do."""
-    for cap in request.capabilities:
-        problem = layout_problem(layout, cap)
-        if problem:
-            raise errors.InvalidArgument(problem)
+def check_capabilities(request: VolumeRequest) -> bool:
+    """Whether the volume is raw block. What the layout cannot serve the service has refused
+    already (Backend.capability_problem); a mix of block and mount is refused here."""
     block = any(c.block for c in request.capabilities)
     if block and not all(c.block for c in request.capabilities):
         raise errors.InvalidArgument("a volume is either raw block or a filesystem, not both")
