@@ -94,7 +94,9 @@ def start(workdir: str, data_path: str, source: str = REPO,
         # Own session: a Ctrl-C reaches only the benchmark, which then cleans up through the
         # still-running driver and stops it with SIGTERM itself.
         proc = subprocess.Popen(cmd, cwd=source, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                # The bench stages and publishes under its workdir.
+                                env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                     "BERTH_KUBELET_DIR": os.path.realpath(workdir)},
                                 start_new_session=True, preexec_fn=_die_with_parent)
     socket_ms = -1.0
     for _ in range(int(START_TIMEOUT_S / POLL_INTERVAL_S)):

@@ -9,7 +9,7 @@ import socket
 import sys
 
 from .config import NODE_ID_RE, ConfigError, load_settings
-from .driver import Driver
+from .driver import DEFAULT_KUBELET_DIR, Driver
 from .server import MODES, Endpoint, EndpointError, Server
 
 
@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file; default: one hostPath backend in --data-dir")
     p.add_argument("--data-dir", default=_default_data_dir(),
                    help="where the built-in hostPath backend keeps volumes when --config is absent")
+    p.add_argument("--kubelet-dir",
+                   default=os.environ.get("BERTH_KUBELET_DIR", DEFAULT_KUBELET_DIR),
+                   help="staging and target paths must lie beneath it (env BERTH_KUBELET_DIR; "
+                   f"default {DEFAULT_KUBELET_DIR})")
     p.add_argument("--mode", choices=MODES, default="all", help="which CSI services to serve")
     p.add_argument("--workers", type=int, default=16, help="concurrent RPCs")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
@@ -48,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, args.data_dir)
         endpoint = Endpoint.parse(args.endpoint)
-        server = Server(Driver.from_settings(settings, args.node_id), endpoint, args.mode,
+        driver = Driver.from_settings(settings, args.node_id, args.kubelet_dir)
+        server = Server(driver, endpoint, args.mode,
                         args.workers)
         server.run_until_signalled()
     except (ConfigError, EndpointError) as exc:

@@ -11,6 +11,8 @@ from .backends.base import Backend, NodeInfo
 from .config import Settings
 from .locks import KeyedLocks
 
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
+
 BACKEND_PARAMETER = "backend"
 # Added by Kubernetes sidecars (pvc/pv names, fstype, secret references); never backend options.
 K8S_PARAMETER_PREFIX = "csi.storage.k8s.io/"
@@ -22,15 +24,18 @@ class Driver:
     node: NodeInfo
     backends: dict[str, Backend]
     locks: KeyedLocks = field(default_factory=KeyedLocks)
+    # The only tree the node service mounts in or removes from (--kubelet-dir).
+    kubelet_dir: str = DEFAULT_KUBELET_DIR
 
     @classmethod
-    def from_settings(cls, settings: Settings, node_id: str) -> Driver:
+    def from_settings(cls, settings: Settings, node_id: str,
+                      kubelet_dir: str = DEFAULT_KUBELET_DIR) -> Driver:
         node = NodeInfo(node_id=node_id, driver_name=settings.driver_name)
         types = backend_types()
         backends = {
             name: types[cfg.type](name, cfg, node) for name, cfg in settings.backends.items()
         }
-        return cls(settings=settings, node=node, backends=backends)
+        return cls(settings=settings, node=node, backends=backends, kubelet_dir=kubelet_dir)
 
     def backend_for_parameters(self, parameters: Mapping[str, str]) -> tuple[str, Backend]:
         """The backend a StorageClass picks: its `backend` parameter, or the only one configured."""

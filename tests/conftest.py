@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +23,12 @@ MS_REC, MS_PRIVATE = 0x4000, 0x40000
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """As root, move the whole test session (and the drivers it starts) into a private mount
+    """The drivers the tests start take the temporary directory, where every test's staging and
+    target paths live, as their kubelet directory.
+
+    As root, move the whole test session (and the drivers it starts) into a private mount
     namespace, so no mount made by a test can leak onto the machine, even after a crash."""
+    os.environ.setdefault("BERTH_KUBELET_DIR", os.path.realpath(tempfile.gettempdir()))
     if os.geteuid() != 0:
         return
     libc = ctypes.CDLL(None, use_errno=True)

@@ -120,12 +120,22 @@ def test_detached_loop_device_is_an_abnormal_condition(hp: Driver, tmp_path: Pat
             volume_id=vol.volume_id, volume_path=str(target)))
         assert stats.volume_condition.abnormal
         assert "loop device" in stats.volume_condition.message
+        # The mounts no longer show the volume: the node cannot tell them from foreign ones,
+        # so it leaves them alone and says so (an admin unmounts them).
+        for call, path in ((lambda: unpublish(hp, vol.volume_id, str(target)), target),
+                           (lambda: unstage(hp, vol.volume_id, str(staging)), staging / "device")):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert str(path) in err.value.details() and "by hand" in err.value.details()
+            assert mounted_at(path)
+            subprocess.run(["umount", str(path)], check=True)
     finally:
-        # A broken volume is still cleaned up: no mount may stay behind.
         unpublish(hp, vol.volume_id, str(target))
         unstage(hp, vol.volume_id, str(staging))
         delete(hp, vol.volume_id)
     assert not mounted_at(target) and not mounted_at(staging / "device")
+    assert not target.exists(), "the empty file publish made is removed"
 
 
 # -- filesystem images: size enforced ------------------------------------------------------------
@@ -167,6 +177,7 @@ def test_image_is_formatted_once(hp: Driver, tmp_path: Path) -> None:
         unstage(hp, vol.volume_id, str(staging))
         stage(hp, vol.volume_id, str(staging))
         assert (staging / "kept").read_text() == "yes"
+        (tmp_path / "x").mkdir()
         code = status_of(lambda: stage(hp, vol.volume_id, str(tmp_path / "x"),
                                        mount_cap(fs_type="xfs")))
         assert code == grpc.StatusCode.INVALID_ARGUMENT

@@ -19,7 +19,7 @@ from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
 from ..driver import Driver
 from ..ids import ObjectId
-from ..node import bounded, devices, mounts
+from ..node import bounded, devices, mounts, paths
 from . import capabilities, convert
 
 log = logging.getLogger(__name__)
@@ -61,21 +61,45 @@ def _stale(path: str) -> bool:
     return False
 
 
-def _remove(path: str) -> None:
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.rmdir(path)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise errors.Internal(f"could not remove {path}: {exc.strerror}") from exc
+def _not_ours(volume_id: str, path: str, entry: mounts.MountEntry) -> errors.CsiError:
+    return errors.FailedPrecondition(
+        f"{path} is mounted with something that does not show volume {volume_id!r} "
+        f"({entry.fs_type} from {entry.source or '?'}); the node leaves mounts it cannot tell "
+        "are the volume's alone: unmount it by hand if it is a broken mount of this volume")
 
 
 class NodeService(pb_grpc.NodeServicer):
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
+        self.kubelet = paths.KubeletDir.of(driver.kubelet_dir)
+
+    def _path(self, path: str, field: str,
+              outside: type[errors.CsiError] = errors.InvalidArgument) -> str:
+        _require(path, field)
+        return paths.check(path, field, self.kubelet, outside)
+
+    def _staging_dir(self, path: str) -> str:
+        """The staging path, which the CO creates: an existing directory of its own."""
+        staging = self._path(path, "staging_target_path")
+        mode = paths.lmode(staging) if mounts.mount_at(staging) is None else stat.S_IFDIR
+        if mode is None:
+            raise errors.FailedPrecondition(
+                f"staging_target_path {staging} does not exist; the CO creates it before "
+                "NodeStageVolume")
+        if not stat.S_ISDIR(mode):
+            raise errors.FailedPrecondition(f"staging_target_path {staging} is not a directory")
+        return staging
+
+    def _foreign_stage(self, volume_id: str, local_id: str, backend: Backend, staging: str
+                       ) -> None:
+        """Refuse to stage onto, or unstage, a mount at the staging path (or at its block
+        device file) that is not the volume's."""
+        for path in (staging, devices.block_target(staging)):
+            entry = mounts.mount_at(path)
+            if entry is not None:
+                if not backend.owns_mount(local_id, path):
+                    raise _not_ours(volume_id, path, entry)
+                return  # inside a staged filesystem, "device" is the user's file
 
     def _volume(self, volume_id: str) -> tuple[ObjectId, Backend]:
         found = self.driver.backend_for_id(volume_id)
@@ -106,25 +130,28 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.InvalidArgument("volume_capability is required")
         parsed, backend = self._volume(request.volume_id)
         cap = _capability(request.volume_capability, backend)
+        staging = self._staging_dir(request.staging_target_path)
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            backend.stage(parsed.local, request.staging_target_path, cap,
-                          dict(request.volume_context), request.secrets)
+            self._foreign_stage(request.volume_id, parsed.local, backend, staging)
+            backend.stage(parsed.local, staging, cap, dict(request.volume_context),
+                          request.secrets)
         return pb.NodeStageVolumeResponse()
 
     def NodeUnstageVolume(self, request: pb.NodeUnstageVolumeRequest,
                           context: grpc.ServicerContext) -> pb.NodeUnstageVolumeResponse:
         _require(request.volume_id, "volume_id")
-        _require(request.staging_target_path, "staging_target_path")
+        staging = self._path(request.staging_target_path, "staging_target_path")
         parsed, backend = self._volume(request.volume_id)
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            self._mounted(request.volume_id, request.staging_target_path)
-            backend.unstage(parsed.local, request.staging_target_path)
+            self._mounted(request.volume_id, staging)
+            self._foreign_stage(request.volume_id, parsed.local, backend, staging)
+            backend.unstage(parsed.local, staging)
         return pb.NodeUnstageVolumeResponse()
 
     def NodePublishVolume(self, request: pb.NodePublishVolumeRequest,
                           context: grpc.ServicerContext) -> pb.NodePublishVolumeResponse:
         _require(request.volume_id, "volume_id")
-        _require(request.target_path, "target_path")
+        target = self._path(request.target_path, "target_path")
         if not request.HasField("volume_capability"):
             raise errors.InvalidArgument("volume_capability is required")
         parsed, backend = self._volume(request.volume_id)
@@ -133,37 +160,40 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.FailedPrecondition(
                 "staging_target_path is not set; this driver stages volumes first"
             )
+        staging = self._path(request.staging_target_path, "staging_target_path")
         if not backend.known_on_node(parsed.local):
             raise errors.NotFound(f"volume {request.volume_id!r} does not exist")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            source = backend.publish_source(parsed.local, request.staging_target_path, cap)
-            self._recover_stale(request, parsed.local, backend, cap, source)
+            source = backend.publish_source(parsed.local, staging, cap)
+            self._recover_stale(request, staging, target, parsed.local, backend, cap, source)
             text = mounts.read_mountinfo()
             staged = mounts.mount_at(source, text)
             if staged is None or not backend.owns_mount(parsed.local, source):
                 raise errors.FailedPrecondition(
-                    f"volume {request.volume_id!r} is not staged at {request.staging_target_path}; "
+                    f"volume {request.volume_id!r} is not staged at {staging}; "
                     "call NodeStageVolume first"
                 )
             read_only = (request.readonly or staged.read_only
                          or cap.access_mode in devices.READ_ONLY_MODES)
             if cap.access_mode in EXCLUSIVE_MODES and not read_only:
-                self._check_exclusive(text, staged, source, request.target_path)
+                self._check_exclusive(text, staged, source, target)
             flags = mounts.bind_flags(cap.mount_flags, read_only)
+            if mounts.mount_at(target, text) is None:
+                if paths.lmode(target) is None:
+                    paths.make_target(target, cap.block, request.volume_id)
+                else:
+                    paths.usable_target(target, cap.block)
             # Bounded: binding (or comparing) a network filesystem whose server is gone blocks.
-            bounded.call(f"publish:{request.target_path}", mounts.ensure_bind, source,
-                         request.target_path, flags, "file" if cap.block else "dir", text,
-                         timeout=PUBLISH_WAIT)
+            bounded.call(f"publish:{target}", mounts.ensure_bind, source, target, flags,
+                         "file" if cap.block else "dir", text, timeout=PUBLISH_WAIT)
         return pb.NodePublishVolumeResponse()
 
     @staticmethod
-    def _recover_stale(request: pb.NodePublishVolumeRequest, local_id: str, backend: Backend,
-                       cap: Capability, source: str) -> None:
+    def _recover_stale(request: pb.NodePublishVolumeRequest, staging: str, target: str,
+                       local_id: str, backend: Backend, cap: Capability, source: str) -> None:
         """Remount what answers ESTALE: a stale target is unmounted (publish binds it again),
         a stale staging mount is unstaged and staged again first. Kubelet republishes
         after a restart; without this the pod would keep an unusable volume for ever."""
-        target = request.target_path
-        staging = request.staging_target_path
         if mounts.mount_at(staging) is not None and _stale(staging):
             log.warning("volume %s: staging mount %s is stale; remounting", request.volume_id,
                         staging)
@@ -192,19 +222,27 @@ class NodeService(pb_grpc.NodeServicer):
     def NodeUnpublishVolume(self, request: pb.NodeUnpublishVolumeRequest,
                             context: grpc.ServicerContext) -> pb.NodeUnpublishVolumeResponse:
         _require(request.volume_id, "volume_id")
-        _require(request.target_path, "target_path")
+        target = self._path(request.target_path, "target_path")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            if self._mounted(request.volume_id, request.target_path):
-                mounts.unmount(request.target_path)
-            _remove(request.target_path)  # we created it at publish: removing it is ours too
+            if self._mounted(request.volume_id, target):
+                entry = mounts.mount_at(target)
+                found = self.driver.backend_for_id(request.volume_id)
+                if entry is not None and found is not None:
+                    if not found[1].owns_mount(found[0].local, target):
+                        raise _not_ours(request.volume_id, target, entry)
+                    mounts.unmount(target)
+            # What publish made there, and nothing else, is ours to remove.
+            if not paths.remove_own(target, request.volume_id):
+                log.warning("volume %s: left %s in place: publish did not make it (or it is "
+                            "no longer empty)", request.volume_id, target)
         return pb.NodeUnpublishVolumeResponse()
 
     def _published(self, volume_id: str, path: str, strict: bool = True
-                   ) -> tuple[ObjectId, Backend]:
+                   ) -> tuple[ObjectId, Backend, str]:
         """The volume mounted at `path`; `strict=False` lets a mount that no longer shows the
         volume through (its condition then says what is wrong)."""
         _require(volume_id, "volume_id")
-        _require(path, "volume_path")
+        path = self._path(path, "volume_path", outside=errors.NotFound)
         parsed, backend = self._volume(volume_id)
         # The mount table first: a stat of a mounted path can hang on a dead NFS server.
         mounted = mounts.mount_at(path) is not None
@@ -213,13 +251,12 @@ class NodeService(pb_grpc.NodeServicer):
         if not mounted or not backend.known_on_node(parsed.local) or (
                 strict and not backend.owns_mount(parsed.local, path)):
             raise errors.NotFound(f"volume {volume_id!r} is not mounted at {path}")
-        return parsed, backend
+        return parsed, backend, path
 
     def NodeGetVolumeStats(self, request: pb.NodeGetVolumeStatsRequest,
                            context: grpc.ServicerContext) -> pb.NodeGetVolumeStatsResponse:
-        parsed, backend = self._published(request.volume_id, request.volume_path,
-                                          strict=not self._reports_conditions())
-        path = request.volume_path
+        parsed, backend, path = self._published(request.volume_id, request.volume_path,
+                                                strict=not self._reports_conditions())
         unit = pb.VolumeUsage.Unit
         response = pb.NodeGetVolumeStatsResponse()
         try:
@@ -254,12 +291,13 @@ class NodeService(pb_grpc.NodeServicer):
 
     def NodeExpandVolume(self, request: pb.NodeExpandVolumeRequest,
                          context: grpc.ServicerContext) -> pb.NodeExpandVolumeResponse:
-        parsed, backend = self._published(request.volume_id, request.volume_path)
+        parsed, backend, path = self._published(request.volume_id, request.volume_path)
+        staging = (self._path(request.staging_target_path, "staging_target_path")
+                   if request.staging_target_path else "")
         if backend.features.expansion is Expansion.NONE:
             raise errors.InvalidArgument(f"backend {parsed.backend!r} cannot expand volumes")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            size = backend.node_expand(parsed.local, request.volume_path,
-                                       request.staging_target_path,
+            size = backend.node_expand(parsed.local, path, staging,
                                        request.capacity_range.required_bytes, request.secrets)
         return pb.NodeExpandVolumeResponse(capacity_bytes=size)
 

@@ -72,7 +72,7 @@ def writable_root() -> None:
 def init(setup_path: str) -> None:
     with open(setup_path) as f:
         setup: dict[str, Any] = json.load(f)
-    os.environ.update(PATH=PATH, HOME="/root", PYTHONUNBUFFERED="1")
+    os.environ.update(PATH=PATH, HOME="/root", PYTHONUNBUFFERED="1", BERTH_KUBELET_DIR="/mnt")
     insmod(setup["overlay_module"])
     writable_root()
     for fs, where in (("proc", "/proc"), ("sysfs", "/sys"), ("devtmpfs", "/dev"),
