@@ -464,9 +464,15 @@ class NfsBackend(Backend):
         return devices.block_target(staging_path) if capability.block else staging_path
 
     def owns_mount(self, local_id: str, path: str) -> bool:
-        # A directory volume's mount is the NFS mount itself: nothing to tell apart (and a
-        # stat of it could block on a dead server).
-        return not self.images.is_image(local_id) or self.images.owns(local_id, path)
+        if self.images.is_image(local_id):
+            return self.images.owns(local_id, path)
+        # A directory volume's mount is an NFS mount of this backend's server: told from the
+        # mount table alone (a stat of it could block on a dead server).
+        entry = mounts.mount_at(path)
+        server = self.config.server
+        host = f"[{server}]" if ":" in server else server
+        return (entry is not None and entry.fs_type in ("nfs", "nfs4")
+                and entry.source.startswith(f"{host}:"))
 
     def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
                     secrets: Secrets = NO_SECRETS) -> int:
