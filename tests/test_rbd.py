@@ -7,12 +7,15 @@ krbd and rbd-nbd need kernel modules this machine does not have; their tests say
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -442,3 +445,124 @@ def test_kernel_mounters(ceph_cluster: CephCluster, tmp_path: Path, mounter: str
         delete(d, vol.volume_id)
     finally:
         assert d.stop() == 0
+
+
+def test_name_prefix_config_is_checked() -> None:
+    from csi_driver.config import ConfigError, parse_settings
+
+    base = {"type": "rbd", "pool": "p", "monitors": ["127.0.0.1:1"]}
+    ok = parse_settings({"backends": {"c": base}}).backends["c"]
+    assert (ok.volumeNamePrefix, ok.snapshotNamePrefix) == ("csi-vol-", "csi-snap-")  # type: ignore[attr-defined]
+    for bad in ({"volumeNamePrefix": "a/b"}, {"snapshotNamePrefix": ""},
+                {"volumeNamePrefix": "csi-", "snapshotNamePrefix": "csi-snap-"}):
+        with pytest.raises(ConfigError) as err:
+            parse_settings({"backends": {"c": {**base, **bad}}}, "c.yaml")
+        assert "backends.c" in str(err.value)
+
+
+@contextlib.contextmanager
+def _admin_ioctx(cluster: CephCluster) -> Iterator[Any]:
+    import rados
+
+    with rados.Rados(rados_id="admin", conf=cluster.client_conf(cluster.admin_key())) as r, \
+            r.open_ioctx(cluster.pool) as ctx:
+        yield ctx
+
+
+def _trash_entries(cluster: CephCluster) -> dict[str, str]:
+    listed = json.loads(cluster.rbd("trash", "ls", "--format", "json", cluster.pool) or "[]")
+    return {t["name"]: t["id"] for t in listed}
+
+
+def test_purger_leaves_other_clients_trash_alone(ceph_cluster: CephCluster,
+                                                 tmp_path: Path) -> None:
+    """ceph-csi names its images csi-vol-<uuid> too: a trashed image of another client, with our
+    prefix but without our record, survives a sweep that purges our own trashed image."""
+    import rbd as librbd
+
+    foreign = "csi-vol-00000000-1111-2222-3333-444444444444"
+    with _admin_ioctx(ceph_cluster) as ctx:
+        librbd.RBD().create(ctx, foreign, 8 * MiB, old_format=False, features=1)
+        librbd.RBD().trash_move(ctx, foreign, 0)
+    config = rbd_config(ceph_cluster, tmp_path, volumeNamePrefix="t-vol-")
+    d = start_driver(tmp_path, config)
+    d.cluster = ceph_cluster  # type: ignore[attr-defined]
+    try:
+        vol = create(d, "pvc-ours-in-trash", 8 * MiB)
+        ours = "t-vol-" + vol.volume_id.split(":", 1)[1]
+        assert ours in images(ceph_cluster)
+        assert d.stop() == 0
+        # As a crash right after the trash move would leave it: in the trash, no purge queued.
+        ceph_cluster.rbd("trash", "mv", f"{ceph_cluster.pool}/{ours}")
+        assert ours in _trash_entries(ceph_cluster)
+        d = start_driver(tmp_path, config)  # its start-up sweep (config credentials) runs
+        deadline = time.monotonic() + 30
+        while ours in _trash_entries(ceph_cluster) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ours not in _trash_entries(ceph_cluster), "our own trashed image stayed"
+        time.sleep(1)  # the sweep queued both at once: the foreign one had its chance
+        assert foreign in _trash_entries(ceph_cluster)
+        # And a prefix of ours alone is not enough either: the default-prefix driver too.
+        assert d.stop() == 0
+        d = start_driver(tmp_path, rbd_config(ceph_cluster, tmp_path))
+        time.sleep(3)
+        assert foreign in _trash_entries(ceph_cluster)
+    finally:
+        d.stop()
+        iid = _trash_entries(ceph_cluster).get(foreign)
+        if iid:
+            ceph_cluster.rbd("trash", "rm", f"{ceph_cluster.pool}/{iid}")
+
+
+def test_purge_resumes_after_kill(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+    """Layering-only 10 GiB images take the purger about a second each (every possible object is
+    removed): a kill -9 right after the deletes leaves them in the trash, and the restarted
+    driver empties it with the config's credentials, no request needed."""
+    config = rbd_config(ceph_cluster, tmp_path)
+    d = start_driver(tmp_path, config)
+    vols = [d.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=f"pvc-big-{i}", capacity_range=pb.CapacityRange(required_bytes=10 << 30),
+        parameters={"imageFeatures": "layering"}, volume_capabilities=[mount_cap()],
+        secrets=secrets(ceph_cluster))).volume for i in range(6)]
+    for v in vols:
+        d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id,
+                                                         secrets=secrets(ceph_cluster)))
+    d.stop(signal.SIGKILL)
+    left = trash(ceph_cluster, wait=0)
+    assert left, "the purge was over before the kill: the test proves nothing"
+    d = start_driver(tmp_path, config)
+    try:
+        assert trash(ceph_cluster, wait=60) == []
+        assert not any(i.startswith("csi-vol-pvc-big") for i in images(ceph_cluster))
+    finally:
+        assert d.stop() == 0
+
+
+def test_delete_right_after_unstage(rbd: Driver, tmp_path: Path) -> None:
+    """Unstage returns once rbd-fuse has exited and dropped its watch, so the DeleteVolume the
+    CO sends at once is never refused as still attached."""
+    staging = tmp_path / "s"
+    staging.mkdir()
+    cluster: CephCluster = rbd.cluster  # type: ignore[attr-defined]
+    for i in range(10):
+        vol = create(rbd, f"pvc-quick-{i}", 16 * MiB)
+        image = "csi-vol-" + vol.volume_id.split(":", 1)[1]
+        rbd_stage(rbd, vol.volume_id, staging)
+        assert _fuse_processes(image)
+        unstage(rbd, vol.volume_id, str(staging))
+        assert _fuse_processes(image) == [], "unstage returned with rbd-fuse still running"
+        delete(rbd, vol.volume_id)
+    assert not any(i.startswith("csi-vol-pvc-quick") for i in images(cluster))
+
+
+def _fuse_processes(image: str) -> list[int]:
+    """rbd-fuse processes serving `image` (and not yet exited: zombies show no command line)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0] == b"rbd-fuse" and image.encode() in argv:
+            found.append(int(pid))
+    return found

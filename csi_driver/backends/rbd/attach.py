@@ -130,10 +130,22 @@ class Attacher:
             if mounts.unmount(where):  # rbd-fuse exits with its mount
                 with contextlib.suppress(OSError):
                     os.rmdir(where)
+            # rbd-fuse closes the image (drops its watch) only as it exits, a moment after the
+            # unmount: until then the image counts as attached and a DeleteVolume is refused.
+            self._wait_exit(_fuse_pids(where), image)
             return
         tool = ["rbd", "device", "unmap"] if self.config.mounter == "krbd" else ["rbd-nbd", "unmap"]
         for device in self.attached(image):
             run(*tool, device)
+
+    def _wait_exit(self, pids: list[int], image: str) -> None:
+        deadline = time.monotonic() + self.config.timeoutSeconds
+        while any(_alive(p) for p in pids):
+            if time.monotonic() > deadline:
+                raise errors.Unavailable(
+                    f"rbd-fuse of image {image} has not exited {self.config.timeoutSeconds}s "
+                    "after its unmount; retry")
+            time.sleep(0.01)
 
     # -- staging -----------------------------------------------------------------------------
     def stage(self, image: str, staging: str, cap: Capability, creds: Credentials) -> None:
@@ -191,6 +203,32 @@ class Attacher:
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
+
+
+def _fuse_pids(where: str) -> list[int]:
+    """The rbd-fuse processes serving mount point `where` (ours, or a previous driver's)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == b"rbd-fuse" and argv[-1] == where.encode():
+            found.append(int(pid))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running: a zombie (exited, not yet reaped) has closed its connections already."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:][:1] != b"Z"
 
 
 def _krbd_devices(pool: str, namespace: str, image: str) -> list[str]:

@@ -31,7 +31,7 @@ from . import images
 from .attach import Attacher
 from .cluster import Cluster, Credentials, credentials
 from .config import RbdConfig
-from .images import RESTORE_SNAP, SNAPSHOT_PREFIX, VOLUME_PREFIX, ImageRecord
+from .images import RESTORE_SNAP, ImageRecord
 
 MiB = 1 << 20
 
@@ -56,7 +56,8 @@ class RbdBackend(Backend):
         self.config = config
         self.cluster = Cluster(config)
         self.attacher = Attacher(config)
-        self.purger = images.Purger(self.cluster.call)
+        self.purger = images.Purger(self.cluster.call,
+                                    (config.volumeNamePrefix, config.snapshotNamePrefix))
         self._sweep_later: set[Credentials] = set()
         self._swept: set[Credentials] = set()
 
@@ -84,6 +85,12 @@ class RbdBackend(Backend):
                 self.purger.sweep(creds)
             except errors.CsiError:
                 self._swept.discard(creds)
+
+    def _vol(self, local_id: str) -> str:
+        return self.config.volumeNamePrefix + local_id
+
+    def _snap(self, local_id: str) -> str:
+        return self.config.snapshotNamePrefix + local_id
 
     def _volume(self, local_id: str, rec: ImageRecord) -> Volume:
         kind, _, source_id = rec.source.partition(":")
@@ -113,7 +120,7 @@ class RbdBackend(Backend):
     # -- volumes -------------------------------------------------------------------------
     def create_volume(self, request: VolumeRequest) -> Volume:
         local_id = ids.local_id_for_name(request.name)
-        image = VOLUME_PREFIX + local_id
+        image = self._vol(local_id)
         feature_names = request.parameters.get("imageFeatures", self.config.imageFeatures)
 
         if len({c.block for c in request.capabilities}) > 1:
@@ -172,7 +179,7 @@ class RbdBackend(Backend):
 
         assert request.source is not None
         kind, source_id = request.source.kind, request.source.local_id
-        parent = (SNAPSHOT_PREFIX if kind == "snapshot" else VOLUME_PREFIX) + source_id
+        parent = self._snap(source_id) if kind == "snapshot" else self._vol(source_id)
         found = images.read(ctx, parent)
         if not isinstance(found, ImageRecord):
             raise errors.NotFound(f"source {kind} {self.name}:{source_id} does not exist")
@@ -192,7 +199,7 @@ class RbdBackend(Backend):
             img.remove_snap(snap)
 
     def delete_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
-        image = VOLUME_PREFIX + local_id
+        image = self._vol(local_id)
         creds = self._creds(secrets)
 
         def delete(ctx: Any) -> None:
@@ -208,7 +215,7 @@ class RbdBackend(Backend):
 
     def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None:
         found = self._call(secrets, "reading the volume",
-                           lambda ctx: images.read(ctx, VOLUME_PREFIX + local_id))
+                           lambda ctx: images.read(ctx, self._vol(local_id)))
         return self._volume(local_id, found) if isinstance(found, ImageRecord) else None
 
     def _list(self, prefix: str) -> list[tuple[str, ImageRecord]]:
@@ -226,7 +233,7 @@ class RbdBackend(Backend):
         return self._call(NO_SECRETS, "listing images", scan)  # type: ignore[no-any-return]
 
     def list_volumes(self) -> Iterator[Volume]:
-        return (self._volume(i, r) for i, r in self._list(VOLUME_PREFIX))
+        return (self._volume(i, r) for i, r in self._list(self.config.volumeNamePrefix))
 
     def capacity(self, parameters: Mapping[str, str]) -> Capacity:
         creds = self._creds(NO_SECRETS)
@@ -246,7 +253,7 @@ class RbdBackend(Backend):
                       ) -> tuple[int, bool]:
         import rbd
 
-        image = VOLUME_PREFIX + local_id
+        image = self._vol(local_id)
 
         def grow(ctx: Any) -> tuple[int, bool]:
             found = images.read(ctx, image)
@@ -274,7 +281,7 @@ class RbdBackend(Backend):
         import rbd
 
         self._check_qos(mutable_parameters)
-        image = VOLUME_PREFIX + local_id
+        image = self._vol(local_id)
 
         def apply(ctx: Any) -> None:
             with rbd.Image(ctx, image) as img:
@@ -290,7 +297,7 @@ class RbdBackend(Backend):
         import rbd
 
         local_id = ids.local_id_for_name(name)
-        image, source = SNAPSHOT_PREFIX + local_id, VOLUME_PREFIX + source_volume
+        image, source = self._snap(local_id), self._vol(source_volume)
         snap = f"snap-{image}"
 
         def take(ctx: Any) -> ImageRecord:
@@ -325,40 +332,40 @@ class RbdBackend(Backend):
         return self._snapshot(local_id, rec)
 
     def delete_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
-        image = SNAPSHOT_PREFIX + local_id
+        image = self._snap(local_id)
         creds = self._creds(secrets)
         self._run(creds, f"deleting snapshot image {image}",
                           lambda ctx: self._discard(ctx, creds, image))
 
     def get_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Snapshot | None:
         found = self._call(secrets, "reading the snapshot",
-                           lambda ctx: images.read(ctx, SNAPSHOT_PREFIX + local_id))
+                           lambda ctx: images.read(ctx, self._snap(local_id)))
         return self._snapshot(local_id, found) if isinstance(found, ImageRecord) else None
 
     def list_snapshots(self, secrets: Secrets = NO_SECRETS) -> Iterator[Snapshot]:
-        return (self._snapshot(i, r) for i, r in self._list(SNAPSHOT_PREFIX))
+        return (self._snapshot(i, r) for i, r in self._list(self.config.snapshotNamePrefix))
 
     # -- node ----------------------------------------------------------------------------
     def stage(self, local_id: str, staging_path: str, capability: Capability,
               context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
-        self.attacher.stage(VOLUME_PREFIX + local_id, staging_path, capability,
+        self.attacher.stage(self._vol(local_id), staging_path, capability,
                             self._creds(secrets))
 
     def unstage(self, local_id: str, staging_path: str) -> None:
-        self.attacher.unstage(VOLUME_PREFIX + local_id, staging_path)
+        self.attacher.unstage(self._vol(local_id), staging_path)
 
     def publish_source(self, local_id: str, staging_path: str, capability: Capability) -> str:
         return devices.block_target(staging_path) if capability.block else staging_path
 
     def owns_mount(self, local_id: str, path: str) -> bool:
-        return self.attacher.owns(VOLUME_PREFIX + local_id, path)
+        return self.attacher.owns(self._vol(local_id), path)
 
     def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
                     secrets: Secrets = NO_SECRETS) -> int:
-        return self.attacher.expand(VOLUME_PREFIX + local_id, volume_path, required)
+        return self.attacher.expand(self._vol(local_id), volume_path, required)
 
     def node_condition(self, local_id: str, volume_path: str) -> Condition:
-        return self.attacher.condition(VOLUME_PREFIX + local_id, volume_path)
+        return self.attacher.condition(self._vol(local_id), volume_path)
 
 
 def _round(size: int, limit: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,6 +24,13 @@ def _path(value: object) -> str:
     return value
 
 
+def _prefix(value: object) -> str:
+    # A name part that `rbd` and librbd take as is: no pool/namespace/snapshot separators.
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise ValueError("must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
 def _positive(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError("must be a whole number, 1 or more")
@@ -38,6 +46,11 @@ class RbdConfig(BackendConfig):
     radosNamespace: str = ""
     # Only layering by default, as ceph-csi: every krbd version maps it; add more per pool.
     imageFeatures: str = "layering"
+    # Image names are <prefix><id>, as ceph-csi's volumeNamePrefix/snapshotNamePrefix. Keep them
+    # stable: volumes made under another prefix are no longer found. The trash purger touches
+    # only images with these prefixes that also carry Berth's record.
+    volumeNamePrefix: str = field(default="csi-vol-", metadata={"convert": _prefix})
+    snapshotNamePrefix: str = field(default="csi-snap-", metadata={"convert": _prefix})
     fsType: Literal["ext4", "xfs"] = "ext4"
     mounter: Literal["krbd", "nbd", "fuse"] = "krbd"
     # Clone chains longer than this are flattened, so reads never walk a deep ancestry.
@@ -54,3 +67,7 @@ class RbdConfig(BackendConfig):
     def __post_init__(self) -> None:
         if bool(self.monitors) == bool(self.cephConf):
             raise ValueError("set exactly one of monitors and cephConf")
+        vol, snap = self.volumeNamePrefix, self.snapshotNamePrefix
+        if vol.startswith(snap) or snap.startswith(vol):
+            # else a listing of one kind would take in images of the other
+            raise ValueError("volumeNamePrefix and snapshotNamePrefix must not start one another")

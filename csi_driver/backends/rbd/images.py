@@ -1,8 +1,8 @@
 """RBD images as Berth records: naming, the record, clone v2 chains, removal through the trash.
 
-  csi-vol-<id>    a volume
-  csi-snap-<id>   a snapshot: a clone of its source volume, carrying the snapshot `restore` that
-                  restores clone from
+  csi-vol-<id>    a volume (volumeNamePrefix, default csi-vol-)
+  csi-snap-<id>   a snapshot (snapshotNamePrefix, default csi-snap-): a clone of its source
+                  volume, carrying the snapshot `restore` that restores clone from
 
 The record is the image-meta key `berth` (JSON), written last: an image without it is a half-made
 one from a crashed create, and the retry removes it and starts again. We read and write it as
@@ -12,16 +12,20 @@ would be most of a CreateVolume. `rbd image-meta get POOL/IMAGE berth` shows it.
 
 Deleting moves an image to the RBD trash (~13 ms) and a background purger removes it for good; an
 image whose snapshots still have clones (clone v2) stays there until its last dependent is gone.
+The purger removes only trashed images that carry our prefix *and* our record: other clients
+(ceph-csi names its images csi-vol-<uuid> too) share pools with us.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,7 +33,6 @@ from typing import Any
 from ... import errors
 
 log = logging.getLogger(__name__)
-VOLUME_PREFIX, SNAPSHOT_PREFIX = "csi-vol-", "csi-snap-"
 RESTORE_SNAP = "restore"
 RECORD_KEY = "metadata_berth"  # librbd's image-meta key "berth"
 QOS_KEYS = ("rbd_qos_iops_limit", "rbd_qos_bps_limit", "rbd_qos_read_iops_limit",
@@ -77,6 +80,8 @@ def read(ctx: Any, image: str) -> ImageRecord | bool | None:
     if RECORD_KEY not in omap:
         return False
     data = json.loads(omap[RECORD_KEY])
+    if data.get("discarded"):
+        return False  # a half-made image on its way to the trash
     rec = ImageRecord(image=image, **{k: v for k, v in data.items() if k != "image"})
     rec.size = struct.unpack("<Q", omap["size"])[0]
     rec.qos = {k[len("metadata_conf_"):]: v.decode() for k, v in omap.items()
@@ -93,6 +98,30 @@ def complete(ctx: Any, rec: ImageRecord) -> None:
     with rados.WriteOpCtx() as op:
         ctx.set_omap(op, (RECORD_KEY,), (json.dumps(data).encode(),))
         ctx.operate_write_op(op, f"rbd_header.{iid}")
+
+
+def recorded(ctx: Any, iid: str) -> bool:
+    """Whether the image with ID `iid` (in the trash or not) carries our record."""
+    import rados
+
+    with rados.ReadOpCtx() as op:
+        values, _ = ctx.get_omap_vals_by_keys(op, (RECORD_KEY,))
+        try:
+            ctx.operate_read_op(op, f"rbd_header.{iid}")
+        except rados.ObjectNotFound:
+            return False
+        return any(k == RECORD_KEY for k, _ in values)
+
+
+def _mark_discarded(ctx: Any, iid: str) -> None:
+    """Give a half-made image (no record yet) a record that says so, so that the purger knows it
+    for ours after a restart too; `read` still calls it half-made."""
+    import rados
+
+    with rados.WriteOpCtx() as op:
+        ctx.set_omap(op, (RECORD_KEY,), (json.dumps({"discarded": True}).encode(),))
+        with contextlib.suppress(rados.ObjectNotFound):  # gone meanwhile
+            ctx.operate_write_op(op, f"rbd_header.{iid}")
 
 
 def features(rbd_api: Any, names: str) -> int:
@@ -127,6 +156,8 @@ def to_trash(ctx: Any, image: str) -> str | None:
     iid = image_id(ctx, image)
     if iid is None:
         return None
+    if not recorded(ctx, iid):
+        _mark_discarded(ctx, iid)
     try:
         rbd.RBD().trash_move(ctx, image, 0)
     except rbd.ImageNotFound:
@@ -152,63 +183,122 @@ def purge(ctx: Any, iid: str) -> str:
     return parent
 
 
-def in_trash(ctx: Any, iid: str) -> bool:
-    import rbd
+BUSY_RETRY_MAX_S = 10.0  # a dead client's watch lasts 30 s: retry soon after it is gone
 
-    try:
-        rbd.RBD().trash_get(ctx, iid)
-    except rbd.ImageNotFound:
-        return False
-    return True
+
+class _Busy(Exception):
+    """A trashed image still has watchers: retry it later."""
 
 
 class Purger:
-    """Removes trashed images in the background, then any trashed ancestor nothing needs now.
+    """Removes trashed images of ours in the background, then any trashed ancestor nothing needs
+    now, with `workers` threads: without an object map, librbd removes every object a trashed
+    image could have (2,560 for 10 GiB), so one image at a time cannot keep up with deletes.
 
-    `call(creds, fn)` runs fn(ioctx) with the credentials of the request that deleted the image;
-    they stay in memory only. Anything left after a crash is found again by `sweep`.
+    `call(creds, what, fn)` runs fn(ioctx) with the credentials of the request that deleted the
+    image (or the config's); they stay in memory only. Anything left after a crash or a restart is
+    found again by `sweep`, and every `resweep_s` for every credential seen, so an image whose
+    purge failed (cluster away, a dependent purged at the same moment) is not left for ever. An
+    image with watchers is retried sooner, with back-off: a client killed while it had the image
+    open (our own purger, kill -9) keeps its watch for 30 s (osd_client_watch_timeout).
     """
 
-    def __init__(self, call: Callable[[Any, str, Callable[[Any], Any]], Any]) -> None:
+    def __init__(self, call: Callable[[Any, str, Callable[[Any], Any]], Any],
+                 prefixes: tuple[str, str], workers: int = 4, resweep_s: float = 300.0) -> None:
         self._call = call
+        self._prefixes = prefixes
+        self._resweep_s = resweep_s
         self._queue: queue.Queue[tuple[Any, str]] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="rbd-purger", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()  # queued, being purged or waiting: added once
+        self._later: dict[str, tuple[Any, float, float]] = {}  # iid -> creds, when, back-off
+        self._creds: dict[Any, float] = {}  # credentials swept with -> when
         self.idle = threading.Event()
         self.idle.set()
+        for n in range(workers):
+            threading.Thread(target=self._run, name=f"rbd-purger-{n}", daemon=True).start()
+        threading.Thread(target=self._timer, name="rbd-purge-timer", daemon=True).start()
 
     def add(self, creds: Any, iid: str) -> None:
-        self.idle.clear()
+        with self._lock:
+            if iid in self._pending:
+                return
+            self._pending.add(iid)
+            self.idle.clear()
         self._queue.put((creds, iid))
 
     def sweep(self, creds: Any) -> None:
-        """Queue every trashed image of ours (after a restart, or when a dependent went)."""
+        """Queue every trashed image with our prefix (the record is checked before its purge)."""
         import rbd
 
         listed = self._call(creds, "listing the trash", lambda ctx: list(rbd.RBD().trash_list(ctx)))
+        with self._lock:
+            self._creds[creds] = time.monotonic()
         for entry in listed:
-            if entry["name"].startswith((VOLUME_PREFIX, SNAPSHOT_PREFIX)):
+            if entry["name"].startswith(self._prefixes):
                 self.add(creds, entry["id"])
+
+    def _timer(self) -> None:
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self._lock:
+                due = [(iid, c) for iid, (c, t, _) in self._later.items() if t <= now]
+                sweeps = [c for c, t in self._creds.items() if now - t >= self._resweep_s]
+            for iid, creds in due:
+                self._queue.put((creds, iid))  # still in _pending: no sweep adds it twice
+            for creds in sweeps:
+                try:
+                    self.sweep(creds)
+                except Exception as exc:  # a cluster away now: the next round tries again
+                    with self._lock:
+                        self._creds[creds] = time.monotonic()
+                    log.debug("sweeping the trash failed: %s", exc)
 
     def _run(self) -> None:
         while True:
             creds, iid = self._queue.get()
+            with self._lock:
+                _, _, backoff = self._later.pop(iid, (None, 0.0, 1.0))
             try:
                 self._call(creds, f"purging trashed image {iid}",
                            functools.partial(self._purge, iid=iid))
+            except _Busy:
+                backoff = min(backoff * 2, BUSY_RETRY_MAX_S)
+                with self._lock:
+                    self._later[iid] = (creds, time.monotonic() + backoff, backoff)
+                log.debug("image %s has watchers: purge again in %.0f s", iid, backoff)
+                continue
             except errors.CsiError as exc:
                 log.debug("image %s stays in the trash for now: %s", iid, exc.message)
             except Exception:
                 log.exception("purging trashed image %s failed", iid)
-            if self._queue.empty():
-                self.idle.set()
+            with self._lock:
+                self._pending.discard(iid)
+                if not self._pending:
+                    self.idle.set()
 
-    @staticmethod
-    def _purge(ctx: Any, *, iid: str) -> None:
+    def _ours(self, ctx: Any, iid: str) -> bool:
         import rbd
 
-        while iid and in_trash(ctx, iid):
+        try:
+            name = str(rbd.RBD().trash_get(ctx, iid)["name"])
+        except rbd.ImageNotFound:
+            return False  # not (or no longer) in the trash
+        return name.startswith(self._prefixes) and recorded(ctx, iid)
+
+    def _purge(self, ctx: Any, *, iid: str) -> None:
+        import rbd
+
+        first = iid
+        while iid and self._ours(ctx, iid):
             try:
                 iid = purge(ctx, iid)
-            except (rbd.ImageHasSnapshots, rbd.ImageBusy, rbd.InvalidArgument):
+            except rbd.ImageBusy:
+                if iid == first:
+                    raise _Busy() from None
+                return  # an ancestor in use: whoever uses it goes through here again
+            except (rbd.ImageHasSnapshots, rbd.InvalidArgument):
                 return  # clones still read from it: it goes when they do
+            except rbd.ImageNotFound:
+                return  # another worker purged it first
