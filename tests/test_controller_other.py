@@ -162,7 +162,7 @@ def test_controller_capabilities(driver: Driver) -> None:
         pb.ControllerGetCapabilitiesRequest()).capabilities}
     assert caps == {RPC.CREATE_DELETE_VOLUME, RPC.LIST_VOLUMES, RPC.GET_CAPACITY,
                     RPC.SINGLE_NODE_MULTI_WRITER, RPC.CREATE_DELETE_SNAPSHOT, RPC.LIST_SNAPSHOTS,
-                    RPC.CLONE_VOLUME, RPC.EXPAND_VOLUME, RPC.GET_VOLUME,
+                    RPC.GET_SNAPSHOT, RPC.CLONE_VOLUME, RPC.EXPAND_VOLUME, RPC.GET_VOLUME,
                     RPC.VOLUME_CONDITION, RPC.MODIFY_VOLUME}
     assert RPC.PUBLISH_UNPUBLISH_VOLUME not in caps
 

@@ -256,10 +256,14 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
     def ControllerModifyVolume(self, request: pb.ControllerModifyVolumeRequest,
                                context: grpc.ServicerContext
                                ) -> pb.ControllerModifyVolumeResponse:
-        if not request.mutable_parameters:
-            raise errors.InvalidArgument("mutable_parameters must not be empty")
+        if not request.volume_id:
+            raise errors.InvalidArgument("volume_id is required")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
             _, backend, volume = self._existing(request.volume_id, request.secrets)
+            # proto3 cannot tell an empty map from a missing one, and csi-sanity sends it by
+            # default: nothing to change on a volume that exists is a successful no-op.
+            if not request.mutable_parameters:
+                return pb.ControllerModifyVolumeResponse()
             unknown = sorted(set(request.mutable_parameters) - backend.features.mutable_parameters)
             if unknown:
                 allowed = ", ".join(sorted(backend.features.mutable_parameters)) or "none"
@@ -300,8 +304,8 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
              any(AccessMode.SINGLE_NODE_MULTI_WRITER in f.access_modes for f in features)),
             (_Cap.CREATE_DELETE_SNAPSHOT, any(f.snapshots for f in features)),
             (_Cap.LIST_SNAPSHOTS, any(f.snapshots for f in features)),
-            # GetSnapshot answers, but GET_SNAPSHOT (alpha) is not advertised: csi-sanity
-            # (csi-test v5.4) fails a driver that lists a capability it does not know.
+            # csi-test v5.5 knows GET_SNAPSHOT (v5.4 failed a driver that listed it).
+            (_Cap.GET_SNAPSHOT, any(f.snapshots for f in features)),
             (_Cap.CLONE_VOLUME, any(f.clones for f in features)),
             (_Cap.EXPAND_VOLUME, any(f.expansion is not Expansion.NONE for f in features)),
             (_Cap.GET_VOLUME, True),
