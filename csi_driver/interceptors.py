@@ -1,4 +1,5 @@
-"""Around every RPC: a request id, one log line, and typed errors turned into gRPC statuses.
+"""Around every RPC: a request id, one log line, and typed errors (and requests that do not
+decode) turned into gRPC statuses.
 
 Only the method, request id, status, duration and our own error message are logged at INFO; at
 DEBUG the request is logged too, with every field the CSI spec marks as secret blanked out.
@@ -14,10 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from .csi import csi_pb2 as pb
-from .errors import CsiError
+from .errors import CsiError, InvalidArgument
 
 log = logging.getLogger("csi_driver.rpc")
 _ids = itertools.count(1)
@@ -40,6 +41,17 @@ def redacted(message: Message) -> Message:
     return copy
 
 
+def _decode(deserialize: Callable[[bytes], Any] | None, raw: bytes) -> Any:
+    """The request message, or InvalidArgument for bytes that are not one (bad UTF-8 in a
+    string field, a truncated field...)."""
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except DecodeError as exc:
+        raise InvalidArgument(f"malformed request: {exc}") from None
+
+
 class RpcInterceptor(grpc.ServerInterceptor):
     def intercept_service(
         self,
@@ -51,12 +63,14 @@ class RpcInterceptor(grpc.ServerInterceptor):
             return handler
         method = details.method
         inner = handler.unary_unary
+        deserialize = handler.request_deserializer
 
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+        def wrapped(raw: bytes, context: grpc.ServicerContext) -> Any:
             rid = f"{_prefix}-{next(_ids)}"
             start = time.perf_counter()
             code, detail = grpc.StatusCode.OK, ""
             try:
+                request = _decode(deserialize, raw)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("rpc=%s id=%s request={%s}", method, rid,
                               str(redacted(request)).replace("\n", " ").strip())
@@ -75,8 +89,11 @@ class RpcInterceptor(grpc.ServerInterceptor):
                          ms, f" error={detail!r}" if detail else "")
             context.abort(code, detail)
 
+        # grpcio answers a request its deserializer rejects with INTERNAL "Exception
+        # deserializing request!" before any handler runs; taking the bytes as they are and
+        # decoding them in `wrapped` lets a malformed request be the client's error.
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )

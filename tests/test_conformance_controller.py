@@ -1,5 +1,6 @@
 """What csi-sanity v5.5.0 checks with its default flags, beyond the other controller tests:
-ControllerModifyVolume with an empty map and GetSnapshot (now advertised)."""
+ControllerModifyVolume with an empty map, GetSnapshot (now advertised), and a request grpcio
+cannot decode."""
 
 from __future__ import annotations
 
@@ -97,3 +98,33 @@ def test_get_snapshot_returns_the_one_asked_for(driver: Driver, name: str) -> No
             driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id))
         for v in vols:
             driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
+
+
+# -- requests that do not decode -------------------------------------------------------------
+@pytest.mark.parametrize("raw", [
+    b"\x0a\x01\xff",  # name (field 1) = one byte that is not UTF-8
+    b"\x0a\x02\xff\xfe",
+    b"\x0a\x09ab",  # name says 9 bytes, 2 follow
+], ids=["bad-utf8", "bad-utf8-2", "truncated"])
+def test_undecodable_request_is_invalid_argument(driver: Driver, raw: bytes) -> None:
+    call = driver.channel.unary_unary("/csi.v1.Controller/CreateVolume",
+                                      request_serializer=None,
+                                      response_deserializer=pb.CreateVolumeResponse.FromString)
+    with pytest.raises(grpc.RpcError) as err:
+        call(raw, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed request" in err.value.details()
+    assert "CreateVolumeRequest" in err.value.details()
+    assert any("rpc=/csi.v1.Controller/CreateVolume" in line and "status=INVALID_ARGUMENT" in line
+               and "malformed request" in line for line in driver.log().splitlines())
+
+
+def test_hand_encoded_request_still_works(driver: Driver, name: str) -> None:
+    """The driver decodes the bytes itself now: a well-formed hand-made request is served."""
+    request = pb.CreateVolumeRequest(name=name, volume_capabilities=[mount_cap()])
+    call = driver.channel.unary_unary("/csi.v1.Controller/CreateVolume",
+                                      request_serializer=None,
+                                      response_deserializer=pb.CreateVolumeResponse.FromString)
+    vol = call(request.SerializeToString(), timeout=10).volume
+    driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert vol.volume_id.startswith("local:")
