@@ -365,3 +365,108 @@ def test_nothing_left_behind(fsd: Driver) -> None:
     out = subprocess.run(["losetup", "-j", str(root / "volumes")], capture_output=True,
                          text=True).stdout
     assert out == ""
+
+
+# -- copies that do not fit ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
+    """A driver whose backend is a 64 MiB ext4 (plain copies) with 2,048 inodes."""
+    tmp = tmp_path_factory.mktemp("tiny")
+    image, mnt = tmp / "fs.img", tmp / "mnt"
+    mnt.mkdir()
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-N", "2048", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    d = start_driver(tmp, write_config(tmp / "c.yaml", {"local": {
+        "type": "hostpath", "path": str(mnt / "berth")}}))
+    d.mnt = mnt  # type: ignore[attr-defined]
+    yield d
+    assert d.stop() == 0
+    unmount_filesystem(mnt)
+
+
+def copies_fail_cleanly(d: Driver, small: pb.Volume, full: pb.Volume, says: str) -> None:
+    """A snapshot, a clone and a group snapshot of `full` end RESOURCE_EXHAUSTED (the message
+    saying `says`) and leave nothing behind: no half-made copy, record or group member."""
+    from csi_driver.csi import csi_pb2_grpc as pb_grpc
+
+    groups = pb_grpc.GroupControllerStub(d.channel)
+    calls = {
+        "snapshot": lambda: snapshot(d, "no-room", full.volume_id),
+        "clone": lambda: create(d, "no-room", MiB, source=from_volume(full.volume_id)),
+        # `small` first: its member is made before `full`'s fails, and must go again.
+        "group": lambda: groups.CreateVolumeGroupSnapshot(
+            group_req("no-room", small.volume_id, full.volume_id)),
+    }
+    for what, call in calls.items():
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (what, err.value)
+        assert says in err.value.details(), what
+    root = d.mnt / "berth"  # type: ignore[attr-defined]
+    for sub in ("snapshots", "groups", ".tmp", ".trash"):
+        assert list((root / sub).iterdir()) == [], sub
+    assert sorted(p.name for p in (root / "volumes").iterdir()) == sorted(
+        v.volume_id.split(":", 1)[1] for v in (small, full))
+    assert list(d.controller.ListSnapshots(pb.ListSnapshotsRequest()).entries) == []
+
+
+def test_copy_of_more_data_than_is_free_is_refused_before_copying(tiny: Driver) -> None:
+    small, full = create(tiny, "room-small", MiB), create(tiny, "room-full", MiB)
+    blob = data_of(tiny, full.volume_id) / "blob"
+    try:
+        # A directory volume's size is not enforced: 40 MiB of data (not zeros, which a sparse
+        # copy would skip) in a 1 MiB volume, on a filesystem with less than that left.
+        with open(blob, "wb") as f:
+            for _ in range(40):
+                f.write(b"\1" * MiB)
+            os.fsync(f.fileno())
+        st = os.statvfs(blob)
+        assert st.f_bavail * st.f_frsize < 40 * MiB
+        copies_fail_cleanly(tiny, small, full, "the copy needs about")
+        blob.unlink()  # room again: the same snapshot works
+        snap = snapshot(tiny, "room-after", full.volume_id)
+        tiny.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    finally:
+        for v in (small, full):
+            tiny.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
+
+
+def test_running_out_during_the_copy_is_resource_exhausted(tiny: Driver) -> None:
+    """Empty files take no blocks, so the check before copying passes; the copy then runs out
+    of inodes, which the filesystem reports as ENOSPC."""
+    small, full = create(tiny, "inodes-small", MiB), create(tiny, "inodes-full", MiB)
+    many = data_of(tiny, full.volume_id) / "many"
+    try:
+        many.mkdir()
+        for i in range(os.statvfs(many).f_favail * 2 // 3):
+            (many / str(i)).touch()
+        copies_fail_cleanly(tiny, small, full, "No space left on device")
+    finally:
+        for v in (small, full):
+            tiny.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
+
+
+def test_copies_that_share_blocks_need_no_room(tmp_path: Path) -> None:
+    """On xfs with reflinks a copy needs next to no space: more data than is free is fine."""
+    mnt = mount_filesystem(tmp_path, "xfs", size="320M")  # mkfs.xfs's minimum is 300 MB
+    d = start_driver(tmp_path, write_config(tmp_path / "c.yaml", {"local": {
+        "type": "hostpath", "path": str(mnt / "berth")}}))
+    d.mnt = mnt  # type: ignore[attr-defined]
+    try:
+        vol = create(d, "shared", MiB)
+        with open(data_of(d, vol.volume_id) / "blob", "wb") as f:
+            for _ in range(200):
+                f.write(b"\1" * MiB)
+            os.fsync(f.fileno())
+        st = os.statvfs(mnt)
+        assert st.f_bavail * st.f_frsize < 200 * MiB
+        snap = snapshot(d, "shared-snap", vol.volume_id)
+        clone = create(d, "shared-clone", MiB, source=from_volume(vol.volume_id))
+        assert (data_of(d, clone.volume_id) / "blob").stat().st_size == 200 * MiB
+        d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=clone.volume_id))
+        d.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+        d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    finally:
+        assert d.stop() == 0
+        unmount_filesystem(mnt)

@@ -65,6 +65,7 @@ class HostPathBackend(Backend):
         self._sizes_lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._ready = False
+        self._shares_blocks: bool | None = None  # reflinks in the store? (probed on first copy)
 
     # -- identity ------------------------------------------------------------------------
     def probe(self) -> None:
@@ -248,10 +249,42 @@ class HostPathBackend(Backend):
                 shutil.rmtree(scratch, ignore_errors=True)
         return self._volume(local_id, rec)
 
+    def _reflinks(self) -> bool | None:
+        if self._shares_blocks is None:
+            try:
+                probe = self.store.scratch("reflink-probe")
+            except OSError:  # a full filesystem: no answer yet, ask again next time
+                return None
+            try:
+                self._shares_blocks = copying.reflinks(probe)
+            finally:
+                shutil.rmtree(probe, ignore_errors=True)
+        return self._shares_blocks
+
+    def _check_room(self, sources: list[tuple[str, str, Record]]) -> None:
+        """ResourceExhausted, before copying anything, when the data of `sources` (kind_dir,
+        local_id, record) cannot fit in the free space. Copies that share blocks (reflinks)
+        need next to none, so only plain copies are checked; running out anyway (of inodes,
+        or to a concurrent writer) is ENOSPC during the copy, which ends the same way."""
+        if self._reflinks():
+            return
+        need = sum(copying.allocated_bytes(self.store.payload(kind_dir, local_id, rec))
+                   for kind_dir, local_id, rec in sources)
+        st = os.statvfs(self.store.tmp)
+        free = st.f_bavail * st.f_frsize
+        if need > free:
+            raise errors.ResourceExhausted(
+                f"hostpath backend {self.name!r}: the copy needs about {need} bytes and "
+                f"{self.store.root} has {free} free")
+
     def _copy_payload(self, kind_dir: str, local_id: str, rec: Record, scratch: str,
-                      freeze: bool = True) -> None:
+                      alone: bool = True) -> None:
+        """Copy an object's payload into `scratch`. A member of a group snapshot is not
+        `alone`: the room for all members was checked, and their volumes frozen, at once."""
         source = self.store.payload(kind_dir, local_id, rec)
-        freeze = freeze and kind_dir == self.store.volumes
+        if alone:
+            self._check_room([(kind_dir, local_id, rec)])
+        freeze = alone and kind_dir == self.store.volumes
         with self.attacher.frozen(local_id, rec) if freeze else contextlib.nullcontext():
             if rec.layout == DIRECTORY:
                 copying.copy_tree(source, scratch)  # the record it copies is rewritten later
@@ -344,13 +377,15 @@ class HostPathBackend(Backend):
         vol = self._existing_volume(volume_id)
         rec = Record(name=name, size=vol.size, layout=vol.layout, fs_type=vol.fs_type,
                      source_id=volume_id, group=group)
-        scratch = self.store.scratch(local_id)
+        scratch = ""
         try:
-            # A group snapshot froze all its volumes already.
-            self._copy_payload(self.store.volumes, volume_id, vol, scratch, freeze=not group)
+            scratch = self.store.scratch(local_id)
+            self._copy_payload(self.store.volumes, volume_id, vol, scratch, alone=not group)
             self.store.commit(scratch, self.store.snapshots, local_id, rec, "create-snapshot")
+        except OSError as exc:
+            raise _os_error("could not take the snapshot", exc) from exc
         finally:
-            if os.path.lexists(scratch):
+            if scratch and os.path.lexists(scratch):  # not committed: an error came first
                 shutil.rmtree(scratch, ignore_errors=True)
 
     def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
@@ -406,14 +441,27 @@ class HostPathBackend(Backend):
         for member in members:  # left by an attempt that crashed before the group existed
             self.store.discard(self.store.snapshots, member)
         grec = GroupRecord(name=name, members=members, sources=list(source_volumes))
-        with contextlib.ExitStack() as frozen:
-            # Every member sees the same instant: all image filesystems are frozen together.
-            for volume_id, rec in records:
-                frozen.enter_context(self.attacher.frozen(volume_id, rec))
-            for member, (volume_id, _) in zip(members, records, strict=True):
-                self._take_snapshot(member, f"{name}/{volume_id}", volume_id, group=local_id)
-        scratch = self.store.scratch(local_id)
-        self.store.commit(scratch, self.store.groups, local_id, grec, "create-group-snapshot")
+        self._check_room([(self.store.volumes, v, rec) for v, rec in records])
+        scratch = ""
+        try:
+            with contextlib.ExitStack() as frozen:
+                # Every member sees the same instant: all image filesystems are frozen together.
+                for volume_id, rec in records:
+                    frozen.enter_context(self.attacher.frozen(volume_id, rec))
+                for member, (volume_id, _) in zip(members, records, strict=True):
+                    self._take_snapshot(member, f"{name}/{volume_id}", volume_id, group=local_id)
+            scratch = self.store.scratch(local_id)
+            self.store.commit(scratch, self.store.groups, local_id, grec, "create-group-snapshot")
+        except BaseException as exc:
+            # Members made before the failure would outlive a group that never appeared.
+            for member in members:
+                self.store.discard(self.store.snapshots, member)
+            if isinstance(exc, OSError):
+                raise _os_error("could not take the group snapshot", exc) from exc
+            raise
+        finally:
+            if scratch and os.path.lexists(scratch):
+                shutil.rmtree(scratch, ignore_errors=True)
         return self._group(local_id, grec)
 
     def delete_group_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
