@@ -1,6 +1,6 @@
 """What csi-sanity v5.5.0 checks with its default flags, beyond the other controller tests:
-ControllerModifyVolume with an empty map, GetSnapshot (now advertised), and a request grpcio
-cannot decode."""
+ControllerModifyVolume with an empty map, GetSnapshot (now advertised), GroupController codes and
+a request grpcio cannot decode."""
 
 from __future__ import annotations
 
@@ -98,6 +98,23 @@ def test_get_snapshot_returns_the_one_asked_for(driver: Driver, name: str) -> No
             driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=s.snapshot_id))
         for v in vols:
             driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
+
+
+# -- GroupController (csi-sanity's default IDs) -----------------------------------------------
+def test_group_controller_codes(driver: Driver) -> None:
+    from csi_driver.csi import csi_pb2_grpc as pb_grpc
+
+    groups = pb_grpc.GroupControllerStub(driver.channel)
+    assert status_of(lambda: groups.CreateVolumeGroupSnapshot(
+        pb.CreateVolumeGroupSnapshotRequest())) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(lambda: groups.GetVolumeGroupSnapshot(
+        pb.GetVolumeGroupSnapshotRequest())) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(lambda: groups.DeleteVolumeGroupSnapshot(
+        pb.DeleteVolumeGroupSnapshotRequest())) == grpc.StatusCode.INVALID_ARGUMENT
+    for gid in ("fake-vol-id", "local:fake-vol-id"):
+        assert status_of(lambda g=gid: groups.GetVolumeGroupSnapshot(  # type: ignore[misc]
+            pb.GetVolumeGroupSnapshotRequest(group_snapshot_id=g))) == grpc.StatusCode.NOT_FOUND
+        groups.DeleteVolumeGroupSnapshot(pb.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=gid))
 
 
 # -- requests that do not decode -------------------------------------------------------------
