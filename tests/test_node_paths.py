@@ -216,9 +216,15 @@ def test_malformed_paths_are_invalid_argument(driver: Driver, volume: pb.Volume,
         assert "Exception" not in details and "Traceback" not in details
 
 
-def test_stats_outside_the_kubelet_dir_is_not_found(driver: Driver, volume: pb.Volume) -> None:
+@pytest.mark.parametrize("path", ["/etc", "some/path"])
+def test_stats_and_expand_outside_the_kubelet_dir_are_not_found(driver: Driver, volume: pb.Volume,
+                                                                path: str) -> None:
+    """Nothing can be published there (csi-sanity sends "some/path" and expects NOT_FOUND)."""
     code = status_of(lambda: driver.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
-        volume_id=volume.volume_id, volume_path="/etc")))
+        volume_id=volume.volume_id, volume_path=path)))
+    assert code == Code.NOT_FOUND
+    code = status_of(lambda: driver.node.NodeExpandVolume(pb.NodeExpandVolumeRequest(
+        volume_id=volume.volume_id, volume_path=path)))
     assert code == Code.NOT_FOUND
 
 

@@ -40,8 +40,6 @@ def _syntax(path: str, field: str) -> list[str]:
     """The path's components; INVALID_ARGUMENT for what no kubelet would send."""
     if "\0" in path:
         raise errors.InvalidArgument(f"{field} contains a NUL byte")
-    if not path.startswith("/"):
-        raise errors.InvalidArgument(f"{field} {path!r} must be an absolute path")
     raw = os.fsencode(path)
     if len(raw) >= PATH_MAX:
         raise errors.InvalidArgument(f"{field} is {len(raw)} bytes long; the limit is {PATH_MAX}")
@@ -63,6 +61,9 @@ def check(path: str, field: str, root: KubeletDir,
     directory is a symlink. The last component may be missing; its parent must then exist.
     `outside` is the error for a path outside the kubelet directory (NOT_FOUND for the RPCs
     that only look at a published volume: it cannot be published there)."""
+    if not path.startswith("/"):  # kubelet sends absolute paths: this one is not beneath it
+        raise outside(f"{field} {path!r} must be an absolute path beneath the kubelet "
+                      f"directory {root.given}")
     parts = _syntax(path, field)
     norm = "/" + "/".join(parts)
     for prefix in (root.given, root.real):
