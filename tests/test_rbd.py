@@ -566,3 +566,24 @@ def _fuse_processes(image: str) -> list[int]:
         if argv[0] == b"rbd-fuse" and image.encode() in argv:
             found.append(int(pid))
     return found
+
+
+def test_default_features_have_an_object_map(rbd: Driver) -> None:
+    """With an object map a purge removes only the objects an image has (fast), without one
+    every object it could have; a StorageClass can still ask for layering alone."""
+    cluster: CephCluster = rbd.cluster  # type: ignore[attr-defined]
+    full = create(rbd, "pvc-features", 8 * MiB)
+    plain = rbd.controller.CreateVolume(pb.CreateVolumeRequest(
+        name="pvc-layering", volume_capabilities=[mount_cap()],
+        parameters={"imageFeatures": "layering"}, secrets=secrets(cluster))).volume
+    try:
+        def features(v: pb.Volume) -> set[str]:
+            image = "csi-vol-" + v.volume_id.split(":", 1)[1]
+            info = json.loads(cluster.rbd("info", "--format", "json", f"{cluster.pool}/{image}"))
+            return set(info["features"])
+
+        assert features(full) == {"layering", "exclusive-lock", "object-map", "fast-diff"}
+        assert features(plain) == {"layering"}
+    finally:
+        delete(rbd, full.volume_id)
+        delete(rbd, plain.volume_id)
