@@ -6,7 +6,8 @@ CreateVolume, on a throw-away single-node Ceph (tests/ceph/cluster.py).
 
 For each feature set (`--features`, default: layering, and layering + exclusive-lock,
 object-map, fast-diff), passed as the StorageClass parameter `imageFeatures`:
-  create   CreateVolume of `--creates` 64 MiB volumes at C=16 (then deleted, trash emptied)
+  create   CreateVolume of `--creates` 64 MiB volumes at C=16, then DeleteVolume of each at C=16
+           (delete_ops_per_s), then the trash is left to empty
   purge    `--images` empty volumes of `--gib` GiB are made, then deleted at C=4; from the first
            DeleteVolume until `rbd trash ls` is empty: images/s purged
 Prints a table and writes bench/results/rbd-purge.json (`--out`). `--driver-src` runs another
@@ -61,9 +62,11 @@ class Bench:
             secrets=self.run.secrets)
         return str(self.csi.create_volume(request, 60).volume.volume_id)
 
-    def delete_all(self, ids: list[str], concurrency: int) -> None:
-        run_pool("delete", concurrency, len(ids), lambda i: self.csi.delete_volume(
+    def delete_all(self, ids: list[str], concurrency: int) -> float:
+        """DeleteVolume of each at `concurrency`; ops/s."""
+        row = run_pool("delete", concurrency, len(ids), lambda i: self.csi.delete_volume(
             pb.DeleteVolumeRequest(volume_id=ids[i], secrets=self.run.secrets), 60))
+        return len(row.latencies_ms) / row.wall_s if row.wall_s else 0.0
 
     def creates(self, features: str, count: int, tag: str) -> dict[str, Any]:
         ids: list[str] = [""] * count
@@ -72,10 +75,11 @@ class Bench:
             ids[i] = self.create(f"c-{tag}-{i}", 64 * MiB, features)
 
         row = run_pool("create", 16, count, op)
-        self.delete_all([i for i in ids if i], 16)
+        deletes = self.delete_all([i for i in ids if i], 16)
         _wait_empty(self.run.cluster, 300)
         lat = sorted(row.latencies_ms)
         return {"ops_per_s": round(len(lat) / row.wall_s, 1), "errors": sum(row.errors.values()),
+                "delete_ops_per_s": round(deletes, 1),
                 "p50_ms": round(lat[len(lat) // 2], 1) if lat else None,
                 "p99_ms": round(lat[int(len(lat) * 0.99)], 1) if lat else None}
 
