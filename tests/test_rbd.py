@@ -514,11 +514,19 @@ def test_purger_leaves_other_clients_trash_alone(ceph_cluster: CephCluster,
             ceph_cluster.rbd("trash", "rm", f"{ceph_cluster.pool}/{iid}")
 
 
-def test_purge_resumes_after_kill(ceph_cluster: CephCluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("config_credentials", [True, False])
+def test_purge_resumes_after_kill(ceph_cluster: CephCluster, tmp_path: Path,
+                                  config_credentials: bool) -> None:
     """Layering-only 10 GiB images take the purger about a second each (every possible object is
     removed): a kill -9 right after the deletes leaves them in the trash, and the restarted
-    driver empties it with the config's credentials, no request needed."""
+    driver empties it: at once with the config's credentials; without those, once a request
+    brings credentials."""
     config = rbd_config(ceph_cluster, tmp_path)
+    if not config_credentials:
+        backend = {"type": "rbd", "pool": ceph_cluster.pool, "monitors": [ceph_cluster.monitors],
+                   "mounter": "fuse", "nodeStateDir": str(tmp_path / "node"),
+                   "timeoutSeconds": 5}
+        config = write_config(tmp_path / "c.yaml", {"ceph": backend})
     d = start_driver(tmp_path, config)
     vols = [d.controller.CreateVolume(pb.CreateVolumeRequest(
         name=f"pvc-big-{i}", capacity_range=pb.CapacityRange(required_bytes=10 << 30),
@@ -531,7 +539,12 @@ def test_purge_resumes_after_kill(ceph_cluster: CephCluster, tmp_path: Path) -> 
     left = trash(ceph_cluster, wait=0)
     assert left, "the purge was over before the kill: the test proves nothing"
     d = start_driver(tmp_path, config)
+    d.cluster = ceph_cluster  # type: ignore[attr-defined]
     try:
+        if not config_credentials:
+            time.sleep(3)
+            assert trash(ceph_cluster, wait=0) == left  # nothing to purge them with yet
+            delete(d, create(d, "pvc-brings-secrets", 8 * MiB).volume_id)
         assert trash(ceph_cluster, wait=60) == []
         assert not any(i.startswith("csi-vol-pvc-big") for i in images(ceph_cluster))
     finally:
