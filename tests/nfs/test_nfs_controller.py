@@ -3,6 +3,7 @@ what landed on the server's own filesystem."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -227,6 +228,41 @@ def test_bad_parameters(nfs_driver: Driver, nfs_server: NfsServer, name: str,
         create(nfs_driver, name, **params)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert sorted(p.name for p in nfs_server.export_dir.iterdir()) == before
+
+
+def test_modify_mount_settings(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:
+    vol = create(nfs_driver, name, nfsVersion="4.1")
+    record = nfs_server.export_dir / ".berth" / "volumes" / f"{vol.volume_id.split(':')[1]}.json"
+
+    def modify(volume_id: str = vol.volume_id, **params: str) -> object:
+        return nfs_driver.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
+            volume_id=volume_id, mutable_parameters=params), timeout=30)
+
+    before = record.read_bytes()
+    for bad in ({"nfsVersion": "5"}, {"onDelete": "retain"}, {"mountOptions": "vers=3"},
+                {"mountOptions": "hard,addr=10.0.0.1"}, {"mountOptions": "a b"},
+                {"nfsVersion": "4.2", "mountOptions": "x;y"}):
+        assert status_of(lambda bad=bad: modify(**bad)) == grpc.StatusCode.INVALID_ARGUMENT, bad
+    assert record.read_bytes() == before  # nothing of a refused change was kept
+    assert status_of(lambda: modify("nfs:nosuchvolume", nfsVersion="4.2")) == \
+        grpc.StatusCode.NOT_FOUND
+    modify(nfsVersion="4.2", mountOptions="noac,timeo=50")
+    modify(nfsVersion="4.0")  # a later change keeps what it does not name
+    assert json.loads(record.read_text())["mutable"] == {
+        "nfsVersion": "4.0", "mountOptions": "noac,timeo=50"}
+    # A VolumeAttributesClass at create: its values are the context's from the start.
+    made = nfs_driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=f"{name}-vac", capacity_range=pb.CapacityRange(required_bytes=MiB),
+        volume_capabilities=[mount_cap(Mode.MULTI_NODE_MULTI_WRITER)],
+        parameters={"backend": "nfs"}, mutable_parameters={"nfsVersion": "4.2"}),
+        timeout=30).volume
+    assert made.volume_context["nfsVersion"] == "4.2"
+    assert status_of(lambda: nfs_driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=f"{name}-bad", volume_capabilities=[mount_cap(Mode.MULTI_NODE_MULTI_WRITER)],
+        parameters={"backend": "nfs"}, mutable_parameters={"nfsVersion": "2"}), timeout=30)
+        ) == grpc.StatusCode.INVALID_ARGUMENT
+    for volume_id in (vol.volume_id, made.volume_id):
+        nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
 
 
 def test_capacity_and_expansion(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:

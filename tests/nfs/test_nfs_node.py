@@ -59,6 +59,11 @@ class Published:
         self.cap = mount_cap(mode)
         self.staging, self.target = f"/mnt/{name}/staging", f"/mnt/{name}/target"
         self.readonly = readonly
+        self.stage()
+
+    def stage(self) -> None:
+        """NodeStage and NodePublish, always with CreateVolume's volume context."""
+        node, guest = self.node, self.guest
         assert guest.run(["mkdir", "-p", self.staging]).returncode == 0
         started = time.monotonic()
         node.NodeStageVolume(pb.NodeStageVolumeRequest(
@@ -85,14 +90,17 @@ class Published:
             volume_id=self.volume.volume_id, volume_path=self.target), timeout=60)
 
     def teardown(self, controller: Driver) -> None:
+        self.teardown_node()
+        controller.controller.DeleteVolume(pb.DeleteVolumeRequest(
+            volume_id=self.volume.volume_id), timeout=30)
+
+    def teardown_node(self) -> None:
         self.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
             volume_id=self.volume.volume_id, target_path=self.target), timeout=60)
         self.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
             volume_id=self.volume.volume_id, staging_target_path=self.staging), timeout=60)
         assert self.volume.volume_context["subDir"] not in self.sh("cat /proc/self/mountinfo")
         assert "/dev/loop" not in self.sh("losetup -a")
-        controller.controller.DeleteVolume(pb.DeleteVolumeRequest(
-            volume_id=self.volume.volume_id), timeout=30)
 
 
 @pytest.mark.parametrize("version", ["4.1", "4.2", "3"])
@@ -201,6 +209,25 @@ def test_unknown_export_at_stage(nfs_driver: Driver, node: pb_grpc.NodeStub, gue
             volume_id=vol.volume.volume_id, staging_target_path=staging,
             volume_capability=vol.cap, volume_context=context), timeout=60)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
+    vol.teardown(nfs_driver)
+
+
+def test_modified_mount_settings_apply_at_next_stage(
+        nfs_driver: Driver, nfs_server: NfsServer, node: pb_grpc.NodeStub, guest: Guest,
+        name: str) -> None:
+    vol = Published(nfs_driver, node, guest, name, nfsVersion="4.1")
+    line = vol.sh(f"grep ' {vol.staging} ' /proc/self/mountinfo")
+    assert "vers=4.1" in line and "noac" not in line
+    nfs_driver.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
+        volume_id=vol.volume.volume_id,
+        mutable_parameters={"nfsVersion": "4.2", "mountOptions": "noac"}), timeout=30)
+    # Staged already: nothing changes under a running pod.
+    assert vol.sh(f"grep ' {vol.staging} ' /proc/self/mountinfo") == line
+    vol.teardown_node()
+    # The CO passes CreateVolume's context again; the node must find the news itself.
+    vol.stage()
+    line = vol.sh(f"grep ' {vol.staging} ' /proc/self/mountinfo")
+    assert "vers=4.2" in line and ",noac" in line, line
     vol.teardown(nfs_driver)
 
 

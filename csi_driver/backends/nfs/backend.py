@@ -54,6 +54,7 @@ class NfsBackend(Backend):
         access_modes=frozenset(AccessMode),
         block=True,  # image layout only
         parameters=volumes.PARAMETERS,
+        mutable_parameters=volumes.MUTABLE,
         snapshots=True,
         clones=True,
         expansion=Expansion.ONLINE,
@@ -140,6 +141,7 @@ class NfsBackend(Backend):
         return Volume(
             local_id=local_id, name=rec.name, size=rec.size, parameters=rec.parameters,
             context=rec.context, condition=cond, block=rec.block,
+            mutable_parameters=rec.mutable,
             source=Source(rec.source_kind, rec.source_id) if rec.source_kind else None,
         )
 
@@ -147,6 +149,9 @@ class NfsBackend(Backend):
     def create_volume(self, request: VolumeRequest) -> Volume:
         self._started()
         settings = volumes.settings(self.config, request.parameters)
+        # A VolumeAttributesClass's values at create win over the StorageClass's.
+        volumes.check_mutable(request.mutable_parameters)
+        settings.update(request.mutable_parameters)
         sub_dir = share.render_sub_dir(settings["subDir"], dict(request.parameters),
                                        request.name)
         local_id = ids.local_id_for_name(request.name)
@@ -203,7 +208,7 @@ class NfsBackend(Backend):
                         if layout == volumes.IMAGE else {})},
             source_kind=request.source.kind if request.source else "",
             source_id=request.source.local_id if request.source else "",
-            layout=layout, block=block,
+            layout=layout, block=block, mutable=dict(request.mutable_parameters),
         )
         with self._conn() as conn:
             faults.point("nfs-create-volume")
@@ -335,6 +340,18 @@ class NfsBackend(Backend):
                 share.save_volume(conn, local_id, rec)
             return rec.size, rec.layout == volumes.IMAGE
 
+    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
+                      secrets: Secrets = NO_SECRETS) -> None:
+        """Record the new mount settings; the node applies them at its next NodeStage."""
+        volumes.check_mutable(mutable_parameters)
+        self._started()
+        with self._conn() as conn:
+            rec = share.volume_record(conn, local_id)
+            if rec is None:
+                raise errors.NotFound(f"volume {self.name}:{local_id} does not exist")
+            rec.mutable.update(mutable_parameters)
+            share.save_volume(conn, local_id, rec)
+
     # -- controller: snapshots -----------------------------------------------------------
     @staticmethod
     def _snapshot_ready(conn: Connection, local_id: str) -> bool:
@@ -411,6 +428,7 @@ class NfsBackend(Backend):
     # -- node ----------------------------------------------------------------------------
     def stage(self, local_id: str, staging_path: str, capability: Capability,
               context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
+        context = self._modified(local_id, context)
         server = context.get("server") or self.config.server
         export = context.get("share") or self.config.share
         sub_dir = context.get("subDir", "")
@@ -442,6 +460,25 @@ class NfsBackend(Backend):
             options += [o for o in flag.split(",") if o]
         mount_nfs(server, path, staging_path, version, options, read_only,
                   self.config.timeoutSeconds)
+
+    def _modified(self, local_id: str, context: Mapping[str, str]) -> Mapping[str, str]:
+        """The context with what ControllerModifyVolume changed since CreateVolume. The CO
+        passes CreateVolume's context for ever and the node cannot ask the controller, so the
+        node reads the volume's record from the share itself (one libnfs read)."""
+        c = self.config
+        if (not context.get("subDir")
+                or (context.get("server", c.server), context.get("share", c.share))
+                != (c.server, c.share)):
+            return context  # a static PV of another export: no record of ours
+        try:
+            with self._conn() as conn:
+                rec = share.volume_record(conn, local_id)
+        except (ValueError, TypeError) as exc:  # not a record we can read: mount as made
+            log.warning("backend %s: record of %s unreadable: %s", self.name, local_id, exc)
+            return context
+        if rec is None or rec.sub_dir != context["subDir"] or not rec.mutable:
+            return context  # a static PV, or never modified
+        return {**context, **rec.mutable}
 
     def capability_problem(self, capability: Capability, parameters: Mapping[str, str]
                            ) -> str | None:

@@ -61,6 +61,9 @@ class VolumeRecord:
     created: float = field(default_factory=time.time)
     layout: str = "directory"  # or "image": <subDir>/disk.img on a loop device
     block: bool = False  # image volumes only: raw block access instead of a filesystem
+    # ControllerModifyVolume's mountOptions/nfsVersion: over `context` at the next NodeStage
+    # (the CO keeps passing CreateVolume's context, so the node reads them from here).
+    mutable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Mapping
 
 from ... import errors
 from ..base import SINGLE_NODE_MODES, Capability, VolumeRequest
 from . import share
-from .config import ON_DELETE, NfsConfig, parse_mode
+from .config import NFS_VERSIONS, ON_DELETE, NfsConfig, parse_mode
 from .image import ATTACHED_FILE
 from .libnfs import Connection, NfsError
 
@@ -17,6 +18,11 @@ from .libnfs import Connection, NfsError
 PARAMETERS = frozenset({"subDir", "onDelete", "mountPermissions", "uid", "gid", "mountOptions",
                         "nfsVersion", "volumeLayout"})
 IMAGE = "image"
+# What ControllerModifyVolume may change: both only shape the node's next mount.
+MUTABLE = frozenset({"mountOptions", "nfsVersion"})
+# Options the node sets itself (vers from nfsVersion, addr from the server's address).
+_OWN_OPTIONS = frozenset({"vers", "nfsvers", "addr"})
+_OPTION_RE = re.compile(r"^[A-Za-z0-9_.:/@+-]+(=[A-Za-z0-9_.:/@+-]+)?$")
 
 
 def settings(c: NfsConfig, parameters: Mapping[str, str]) -> dict[str, str]:
@@ -36,9 +42,33 @@ def settings(c: NfsConfig, parameters: Mapping[str, str]) -> dict[str, str]:
             raise errors.InvalidArgument(f"{key} must be a number, not {got[key]!r}")
     if got["volumeLayout"] not in ("directory", IMAGE):
         raise errors.InvalidArgument("volumeLayout must be directory or image")
-    if got["nfsVersion"] not in ("3", "4", "4.0", "4.1", "4.2"):
-        raise errors.InvalidArgument("nfsVersion must be one of 3, 4, 4.0, 4.1, 4.2")
+    check_version(got["nfsVersion"])
     return got
+
+
+def check_version(version: str) -> None:
+    if version not in NFS_VERSIONS:
+        raise errors.InvalidArgument(f"nfsVersion must be one of {', '.join(NFS_VERSIONS)}, "
+                                     f"not {version!r}")
+
+
+def check_mutable(params: Mapping[str, str]) -> None:
+    """INVALID_ARGUMENT for a key that cannot change or a value the node could not mount with
+    (checked here: a bad option would otherwise surface only at some later NodeStage)."""
+    for key, value in params.items():
+        if key not in MUTABLE:
+            raise errors.InvalidArgument(
+                f"parameter {key!r} cannot be modified; mutable: {', '.join(sorted(MUTABLE))}")
+        if key == "nfsVersion":
+            check_version(value)
+            continue
+        for option in value.split(","):
+            if not _OPTION_RE.fullmatch(option) and option != "":
+                raise errors.InvalidArgument(
+                    f"mountOptions: {option!r} is not a mount option such as hard or timeo=600")
+            if option.split("=")[0] in _OWN_OPTIONS:
+                raise errors.InvalidArgument(
+                    f"mountOptions: {option!r} is set by the driver (use nfsVersion)")
 
 
 def layout_problem(layout: str, cap: Capability) -> str | None:
