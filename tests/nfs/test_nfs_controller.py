@@ -404,6 +404,72 @@ def test_kill_during_snapshot_copy_then_retry(nfs_server: NfsServer, tmp_path: P
         second.stop()
 
 
+def test_abandoned_restore_is_reclaimed(nfs_server: NfsServer, tmp_path: Path,
+                                        name: str) -> None:
+    """A restore that answers ABORTED and is never retried (its PVC deleted) leaves nothing
+    once its claim is older than abandonAfterSeconds; one retried all along is never touched,
+    even when its copy outlasts that age."""
+    driver = start_nfs_driver(nfs_server, tmp_path, {"nfs": nfs_backend(
+        nfs_server, copyWaitSeconds=1, abandonAfterSeconds=2)})
+    berth = nfs_server.export_dir / ".berth"
+    try:
+        vol = create(driver, name)
+        for i in range(2500):  # ~3 s to copy: longer than the age
+            (nfs_server.export_dir / name / f"f{i}").write_bytes(b"%d" % i)
+        snap = snapshot_ready(driver, name + "-snap", vol.volume_id, timeout=120)
+        copy = berth / "snapshots" / snap.snapshot_id.split(":", 1)[1]
+        before = tree(copy)
+
+        def restore(new: str) -> pb.Volume:
+            return driver.controller.CreateVolume(pb.CreateVolumeRequest(
+                name=new, volume_capabilities=[mount_cap()], parameters={"backend": "nfs"},
+                volume_content_source=pb.VolumeContentSource(
+                    snapshot=pb.VolumeContentSource.SnapshotSource(
+                        snapshot_id=snap.snapshot_id))), timeout=30).volume
+
+        def until_made(new: str) -> pb.Volume:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    return restore(new)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.ABORTED, exc.details()
+                    assert time.monotonic() < deadline
+                    time.sleep(0.3)
+
+        started = time.monotonic()
+        live = until_made(name + "-live")
+        print(f"\nrestore of 2500 files, retried: {time.monotonic() - started:.1f} s")
+        assert len(list((nfs_server.export_dir / (name + "-live")).iterdir())) == 2500
+
+        gone = name + "-gone"
+        assert status_of(lambda: restore(gone)) == grpc.StatusCode.ABORTED
+
+        def leftovers() -> list[str]:
+            found = [str(p) for p in (berth / "volumes").glob("*.copying")
+                     if f'"{gone}"' in p.read_text()]
+            found += [str(p) for p in (berth / "claims").glob("*.json")
+                      if f'"{gone}"' in p.read_text()]
+            found += [str(p) for p in (berth / "tmp").glob("vol-*")]
+            found += [str(p) for p in nfs_server.export_dir.glob(gone)]
+            return found
+
+        assert leftovers(), "the restore should be under way"
+        wait_for(lambda: not leftovers(), timeout=60)
+        assert "reclaiming the copy of volume " + repr(gone) in driver.log()
+        assert tree(copy) == before  # the source is intact
+        assert len(list((nfs_server.export_dir / name).iterdir())) == 2500
+        # A late retry starts over from nothing and still gets the whole copy.
+        late = until_made(gone)
+        assert len(list((nfs_server.export_dir / gone).iterdir())) == 2500
+        for volume_id in (live.volume_id, late.volume_id, vol.volume_id):
+            driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
+        driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+        assert "reclaiming the copy of volume " + repr(name + "-live") not in driver.log()
+    finally:
+        assert driver.stop() == 0, driver.log()
+
+
 def test_kill_before_record_then_retry(nfs_server: NfsServer, tmp_path: Path,
                                        name: str) -> None:
     (tmp_path / "a").mkdir()

@@ -113,11 +113,13 @@ class NfsBackend(Backend):
                           self.config.timeoutSeconds)
 
     def _purger(self) -> None:
-        """Empty the trash in the background: a delete of a million files is one rename."""
+        """Empty the trash in the background: a delete of a million files is one rename.
+        Abandoned copies go first, so their trash goes in the same round."""
         conn: Connection | None = None
         while True:
             try:
                 conn = conn or self._connect()
+                self._sweep_copies(conn)
                 for name, _ in conn.listdir(share.TRASH):
                     remove_tree(conn, f"{share.TRASH}/{name}")
             except NfsError:
@@ -126,8 +128,44 @@ class NfsBackend(Backend):
                     conn = None
             except Exception:  # the purger must outlive any one bad directory
                 log.exception("backend %s: purging the trash failed; retrying later", self.name)
-            self._purge.wait(300)
+            # Often enough that an abandoned copy goes within half its age again.
+            self._purge.wait(min(300.0, self.config.abandonAfterSeconds / 2))
             self._purge.clear()
+
+    def _sweep_copies(self, conn: Connection) -> None:
+        """Reclaim what a CreateVolume from a source leaves when it is never retried (its PVC
+        deleted while it answered ABORTED): the marker, the claim, the copy in tmp and a
+        finished copy no record owns. Alive by the claims' rule: every retry refreshes the
+        claim, so only an abandoned create's claim grows older than abandonAfterSeconds."""
+        ttl = self.config.abandonAfterSeconds
+        for entry, _ in conn.listdir(share.VOLUMES):
+            if not entry.endswith(".copying"):
+                continue
+            local_id, marker = entry[:-len(".copying")], f"{share.VOLUMES}/{entry}"
+            # Under the claims lock: a retry arriving now either refreshed the claim already
+            # (fresh: left alone) or claims after the sweep, finding nothing and starting over.
+            with self._claims:
+                info = share.read_json(conn, marker) or {}
+                name, sub_dir = str(info.get("name", "")), str(info.get("subDir", ""))
+                if share.volume_record(conn, local_id) is not None:
+                    share.remove(conn, marker)  # made: only the marker's removal was lost
+                    continue
+                owned = share.claim_age(conn, sub_dir, name) if sub_dir else None
+                # Released or taken over (or a marker without subDir): the marker's own time.
+                since = owned if owned is not None else share.age(conn, marker)
+                if since is None or since < ttl:
+                    continue
+                if not self.jobs.cancel(f"vol-{local_id}", wait=self.config.timeoutSeconds):
+                    continue  # still stopping: next round
+                log.info("backend %s: reclaiming the copy of volume %r, abandoned %.0f s ago",
+                         self.name, name, since)
+                share.to_trash(conn, f"{share.TMP}/vol-{local_id}")
+                if owned is not None:
+                    # Still ours, so what is at the subDir is the finished copy (a restore
+                    # never starts over data it did not make).
+                    share.to_trash(conn, f"/{sub_dir}")
+                    share.release(conn, sub_dir, name, local_id)
+                share.remove(conn, marker)
 
     # -- records <-> interface types -------------------------------------------------------
     def _volume(self, local_id: str, rec: share.VolumeRecord, conn: Connection | None = None
@@ -170,7 +208,8 @@ class NfsBackend(Backend):
                     f"the source holds {source_size} bytes; limit_bytes is {request.limit}")
             size = max(request.size, source_size)
             with self._claims:
-                share.claim(conn, sub_dir, request.name, local_id)
+                share.claim(conn, sub_dir, request.name, local_id,
+                            self.config.abandonAfterSeconds)
             path = f"/{sub_dir}"
             parent = os.path.dirname(path)
             if parent != "/":
@@ -185,7 +224,7 @@ class NfsBackend(Backend):
                         f"{sub_dir} already holds data (a retained volume?); a volume made from "
                         "a snapshot or a volume needs an empty place: choose another subDir")
                 if not ours:
-                    share.write_json(conn, copying, {"name": request.name})
+                    share.write_json(conn, copying, {"name": request.name, "subDir": sub_dir})
                 if conn.exists(path):
                     source_path = ""
             elif not source_path:

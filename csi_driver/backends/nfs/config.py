@@ -84,5 +84,8 @@ class NfsConfig(BackendConfig):
     fsType: Literal["ext4", "xfs"] = "ext4"  # image layout, when the request names none
     # Node: where image volumes' directories are mounted.
     nodeStateDir: str = field(default="/var/lib/berth/nfs", metadata={"convert": _absolute})
+    # A CreateVolume not retried for this long was abandoned (its PVC deleted): its claim on a
+    # subDir lapses, and a copy it started (from a snapshot or volume) is reclaimed.
+    abandonAfterSeconds: int = field(default=3600, metadata={"convert": _positive})
     # Connections that copy files at once in a snapshot, restore or clone.
     copyWorkers: int = field(default=4, metadata={"convert": _positive})

@@ -2,7 +2,7 @@
 
   <subDir>/                   a volume's files, where the subDir template puts them
   .berth/volumes/<id>.json    a volume's record (written last on create, removed last on delete)
-  .berth/volumes/<id>.copying a create from a source whose copy has started
+  .berth/volumes/<id>.copying a create from a source whose copy has started (its name, subDir)
   .berth/claims/<hash>.json   which volume owns a subDir (so two volumes never share one)
   .berth/claims/<hash>.below/ volumes below a directory (so no volume holds another)
   .berth/snapshots/<id>.json  a snapshot's record, written when its copy starts
@@ -37,7 +37,8 @@ VOLUMES, SNAPSHOTS, CLAIMS, TMP, TRASH = (
 
 K8S = "csi.storage.k8s.io/"
 # A create retried by the provisioner refreshes its claim at least this often (its backoff tops
-# out at minutes); a claim without a record untouched for longer was abandoned.
+# out at minutes); a claim without a record untouched for longer was abandoned. The default of
+# the backend's abandonAfterSeconds.
 PENDING_TTL = 3600.0
 # Template variables and the external-provisioner metadata parameter that fills each.
 TEMPLATE_VARS = {
@@ -178,20 +179,34 @@ def _claim_path(sub_dir: str) -> str:
     return f"{CLAIMS}/{ids.local_id_for_name(sub_dir)}"
 
 
-def _alive(conn: Connection, local_id: str, mark: str) -> bool:
+def age(conn: Connection, path: str) -> float | None:
+    """Seconds since `path` was last written (or marked), None when it is not there."""
+    try:
+        return time.time() - conn.lstat(path).mtime_ns / 1e9
+    except NfsError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def claim_age(conn: Connection, sub_dir: str, name: str) -> float | None:
+    """How long ago volume `name`'s create last claimed `sub_dir` (every retry refreshes it);
+    None when the claim is not (or no longer) that volume's."""
+    path = _claim_path(sub_dir) + ".json"
+    if (read_json(conn, path) or {}).get("name") != name:
+        return None
+    return age(conn, path)
+
+
+def _alive(conn: Connection, local_id: str, mark: str, ttl: float) -> bool:
     """Whether volume `local_id`, which wrote `mark` (its claim or a marker), exists or is being
     made: every CreateVolume call refreshes its marks, so only an abandoned create's go stale."""
     if not local_id:
         return False
     if conn.exists(f"{VOLUMES}/{local_id}.json"):
         return True
-    try:
-        written = conn.lstat(mark).mtime_ns / 1e9
-    except NfsError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return time.time() - written < PENDING_TTL
+    since = age(conn, mark)
+    return since is not None and since < ttl
 
 
 def _ancestors(sub_dir: str) -> list[str]:
@@ -212,11 +227,12 @@ def _mark(conn: Connection, path: str) -> bool:
     return False
 
 
-def claim(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
+def claim(conn: Connection, sub_dir: str, name: str, local_id: str,
+          ttl: float = PENDING_TTL) -> None:
     """Make volume `name` the owner of `sub_dir`; ALREADY_EXISTS if another volume owns it, a
     directory above it or one below it (a volume inside another would be exposed to its pod and
     trashed with it). A claim whose owner has no record and that no CreateVolume has refreshed
-    for PENDING_TTL was abandoned, and is taken over.
+    for `ttl` seconds was abandoned, and is taken over.
 
     Each directory above a claimed one holds a marker `<claim>.below/<owner-id>`, so a claim of
     that directory finds its descendants without scanning every claim."""
@@ -234,20 +250,20 @@ def claim(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
             made.append(f"{marker_dir}/{local_id}")
     path = _claim_path(sub_dir) + ".json"
     try:
-        if _take(conn, path, sub_dir, name, local_id):
+        if _take(conn, path, sub_dir, name, local_id, ttl):
             made.append(path)
         for parent in _ancestors(sub_dir):
             parent_claim = _claim_path(parent) + ".json"
             owner = read_json(conn, parent_claim) or {}
             if owner.get("name") != name and _alive(conn, str(owner.get("volume", "")),
-                                                     parent_claim):
+                                                     parent_claim, ttl):
                 raise errors.AlreadyExists(
                     f"subDir {sub_dir!r} is inside {parent!r}, the directory of volume "
                     f"{owner.get('name')!r}")
         below = _claim_path(sub_dir) + ".below"
         try:
             for marker, _ in conn.listdir(below):
-                if marker != local_id and _alive(conn, marker, f"{below}/{marker}"):
+                if marker != local_id and _alive(conn, marker, f"{below}/{marker}", ttl):
                     raise errors.AlreadyExists(
                         f"subDir {sub_dir!r} holds the directory of another volume ({marker})")
         except NfsError as exc:
@@ -259,7 +275,8 @@ def claim(conn: Connection, sub_dir: str, name: str, local_id: str) -> None:
         raise
 
 
-def _take(conn: Connection, path: str, sub_dir: str, name: str, local_id: str) -> bool:
+def _take(conn: Connection, path: str, sub_dir: str, name: str, local_id: str, ttl: float
+          ) -> bool:
     """Own the claim file; True when this call wrote it."""
     mine = json.dumps({"name": name, "volume": local_id}).encode()
     try:
@@ -274,7 +291,7 @@ def _take(conn: Connection, path: str, sub_dir: str, name: str, local_id: str) -
         now = time.time_ns()
         conn.lutimes(path, now, now)  # a retry: still being made
         return False
-    if _alive(conn, str(owner.get("volume", "")), path):
+    if _alive(conn, str(owner.get("volume", "")), path, ttl):
         raise errors.AlreadyExists(
             f"subDir {sub_dir!r} already belongs to volume {owner.get('name')!r}")
     write_json(conn, path, {"name": name, "volume": local_id})
