@@ -350,6 +350,33 @@ def test_large_snapshot_reports_progress(nfs_driver: Driver, nfs_server: NfsServ
     nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
 
 
+def test_sparse_image_copies_only_its_data_quickly(nfs_driver: Driver, nfs_server: NfsServer,
+                                                   name: str) -> None:
+    """A 10 GiB sparse file holding 64 MiB: copied in ranges by every worker (data straddles
+    range boundaries), holes stay holes, and the snapshot is ready far sooner than the ~42 s
+    one connection reading all of it took."""
+    vol = create(nfs_driver, name)
+    src = nfs_server.export_dir / name / "disk.img"
+    with open(src, "wb") as f:
+        f.truncate(10 << 30)
+        for i in range(63):  # 1 MiB every 160 MiB, some across a 256 MiB boundary
+            f.seek(i * (160 << 20) + (256 << 20) - (512 << 10))
+            f.write(os.urandom(MiB))
+        f.seek((10 << 30) - MiB)
+        f.write(os.urandom(MiB))  # the last MiB: the end of the last range
+    started = time.monotonic()
+    snap = snapshot_ready(nfs_driver, name + "-snap", vol.volume_id, timeout=120)
+    took = time.monotonic() - started
+    print(f"\nsnapshot of a 10 GiB sparse image holding 64 MiB: {took:.1f} s")
+    copy = nfs_server.export_dir / ".berth" / "snapshots" / snap.snapshot_id.split(":", 1)[1]
+    assert subprocess.run(["cmp", str(src), str(copy / "disk.img")]).returncode == 0
+    st = (copy / "disk.img").stat()
+    assert st.st_size == 10 << 30 and st.st_blocks * 512 <= 80 * MiB, st
+    assert took < 25, took
+    nfs_driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+
+
 def test_delete_of_many_files_is_one_rename(nfs_driver: Driver, nfs_server: NfsServer,
                                             name: str) -> None:
     vol = create(nfs_driver, name)
