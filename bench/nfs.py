@@ -1,7 +1,8 @@
 """--backend nfs: the driver's controller against a real NFS-Ganesha this run starts and stops.
 
 Measures CreateVolume/DeleteVolume (serial and concurrent), and the snapshot copy: one large
-file and a tree of small files, as the copy's throughput and as CreateSnapshot-to-ready time.
+file, a tree of small files and a 10 GiB sparse image holding 64 MiB, as the copy's throughput
+and as CreateSnapshot-to-ready time.
 The node side (mounts) needs a kernel NFS client, which only the UML tests have: their timings
 are printed by tests/nfs/test_nfs_node.py.
 """
@@ -169,6 +170,20 @@ def _small_files(count: int, size: int) -> Callable[[Path], int]:
     return fill
 
 
+def _sparse_image(size_gib: int, data_mib: int) -> Callable[[Path], int]:
+    """A sparse image file of `size_gib` holding `data_mib` MiB spread through it (as a
+    filesystem image mostly empty): the copy must read it all to find the holes."""
+    def fill(root: Path) -> int:
+        size = size_gib << 30
+        with open(root / "disk.img", "wb") as f:
+            f.truncate(size)
+            for i in range(data_mib):
+                f.seek(i * (size // data_mib))
+                f.write(os.urandom(MiB))
+        return data_mib * MiB
+    return fill
+
+
 def main_nfs(args: argparse.Namespace) -> int:
     quick = bool(args.quick)
     work = Path(tempfile.mkdtemp(prefix="berth-bench-nfs-"))
@@ -184,6 +199,7 @@ def main_nfs(args: argparse.Namespace) -> int:
                 "big", _big_file(128 if quick else 1024))
             results["snapshot_small_files"] = bench.snapshot(
                 "small", _small_files(1000 if quick else 10000, 4096))
+            results["snapshot_sparse_image"] = bench.snapshot("sparse", _sparse_image(10, 64))
         finally:
             bench.stop()
     finally:
@@ -198,7 +214,7 @@ def main_nfs(args: argparse.Namespace) -> int:
             r = results[key][op]
             print(f"{op:6} C={r['concurrency']:<2} {r['ops_per_s']:7.1f} ops/s  "
                   f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms")
-    for key in ("snapshot_1file", "snapshot_small_files"):
+    for key in ("snapshot_1file", "snapshot_small_files", "snapshot_sparse_image"):
         r = results[key]
         print(f"{key:20} {r['bytes'] / MiB:7.0f} MiB  snapshot {r['snapshot_s']:6.2f} s "
               f"({r['snapshot_mb_s']:6.1f} MB/s)  restore {r['restore_s']:6.2f} s "
