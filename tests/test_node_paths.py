@@ -171,6 +171,20 @@ def test_unpublish_leaves_a_foreign_mount_alone(driver: Driver, volume: pb.Volum
         subprocess.run(["umount", str(target)], check=True)
 
 
+def test_unpublish_of_an_unknown_volume_leaves_the_mount_alone(driver: Driver,
+                                                               tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    _tmpfs(target)
+    try:
+        # An ID no backend of ours can hold, and one of a volume that does not exist.
+        for vid, want in (("nope:x", Code.NOT_FOUND), ("local:not-a-volume",
+                                                        Code.FAILED_PRECONDITION)):
+            assert status_of(lambda v=vid: unpublish(driver, v, str(target))) == want  # type: ignore[misc]
+            assert (target / "marker").read_text() == "foreign"
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
 def test_unstage_and_stage_leave_a_foreign_mount_alone(driver: Driver, volume: pb.Volume,
                                                        tmp_path: Path) -> None:
     staging = tmp_path / "staging"

@@ -54,21 +54,20 @@ def _syntax(path: str, field: str) -> list[str]:
     return parts
 
 
-def check(path: str, field: str, root: KubeletDir,
-          outside: type[errors.CsiError] = errors.InvalidArgument) -> str:
+def check(path: str, field: str, root: KubeletDir, lookup: bool = False) -> str:
     """`path` in its canonical form (the kubelet directory's real name, no '//' or trailing '/'),
     after checking that it lies beneath the kubelet directory and that nothing below that
     directory is a symlink. The last component may be missing; its parent must then exist.
-    `outside` is the error for a path outside the kubelet directory (NOT_FOUND for the RPCs
-    that only look at a published volume: it cannot be published there)."""
+    `lookup`: the RPC only looks at a published volume, so a path outside the kubelet directory
+    or under a missing parent is NOT_FOUND (nothing can be published there)."""
+    outside: type[errors.CsiError] = errors.NotFound if lookup else errors.InvalidArgument
     if not path.startswith("/"):  # kubelet sends absolute paths: this one is not beneath it
         raise outside(f"{field} {path!r} must be an absolute path beneath the kubelet "
                       f"directory {root.given}")
-    parts = _syntax(path, field)
-    norm = "/" + "/".join(parts)
-    for prefix in (root.given, root.real):
-        if norm.startswith(prefix.rstrip("/") + "/") and len(norm) > len(prefix.rstrip("/")) + 1:
-            below = norm[len(prefix.rstrip("/")) + 1:].split("/")
+    norm = "/" + "/".join(_syntax(path, field))
+    for prefix in (root.given.rstrip("/"), root.real.rstrip("/")):
+        if norm.startswith(prefix + "/") and len(norm) > len(prefix) + 1:
+            below = norm[len(prefix) + 1:].split("/")
             break
     else:
         raise outside(
@@ -77,9 +76,9 @@ def check(path: str, field: str, root: KubeletDir,
     current = root.real
     for part in below[:-1]:
         current = os.path.join(current, part)
-        mode = _lstat(current, field)
+        mode = lmode(current, field)
         if mode is None:
-            raise (errors.NotFound if outside is errors.NotFound else errors.FailedPrecondition)(
+            raise (errors.NotFound if lookup else errors.FailedPrecondition)(
                 f"{field}: {current} does not exist")
         if not stat.S_ISDIR(mode):
             raise errors.FailedPrecondition(
@@ -87,32 +86,25 @@ def check(path: str, field: str, root: KubeletDir,
                 "follows symlinks in the paths it is given")
     final = os.path.join(current, below[-1])
     if mounts.mount_at(final) is None:  # a mount point is never a symlink; don't stat it
-        mode = _lstat(final, field)
+        mode = lmode(final, field)
         if mode is not None and stat.S_ISLNK(mode):
             raise errors.FailedPrecondition(
                 f"{field} {final} is a symlink; the node never follows or removes one")
     return final
 
 
-def _lstat(path: str, field: str) -> int | None:
+def _kind(mode: int) -> str:
+    return "symlink" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "special file"
+
+
+def lmode(path: str, field: str = "path") -> int | None:
+    """The path's own file type bits (never following a symlink), None when missing."""
     try:
         return os.lstat(path).st_mode
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise errors.FailedPrecondition(f"{field}: {path}: {exc.strerror}") from exc
-
-
-def _kind(mode: int) -> str:
-    return "symlink" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "special file"
-
-
-def lmode(path: str) -> int | None:
-    """The path's own file type bits (never following a symlink), None when missing."""
-    try:
-        return os.lstat(path).st_mode
-    except FileNotFoundError:
-        return None
 
 
 def usable_target(path: str, block: bool) -> None:

@@ -73,10 +73,9 @@ class NodeService(pb_grpc.NodeServicer):
         self.driver = driver
         self.kubelet = paths.KubeletDir.of(driver.kubelet_dir)
 
-    def _path(self, path: str, field: str,
-              outside: type[errors.CsiError] = errors.InvalidArgument) -> str:
+    def _path(self, path: str, field: str, lookup: bool = False) -> str:
         _require(path, field)
-        return paths.check(path, field, self.kubelet, outside)
+        return paths.check(path, field, self.kubelet, lookup)
 
     def _staging_dir(self, path: str) -> str:
         """The staging path, which the CO creates: an existing directory of its own."""
@@ -107,20 +106,17 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.NotFound(f"volume {volume_id!r} is not a volume of this driver")
         return found
 
-    def _mounted(self, volume_id: str, path: str) -> bool:
-        """Whether something is mounted at `path`; NOT_FOUND when nothing is and the volume does
-        not exist, as the spec's tables ask.
-
-        Whatever is mounted there is undone even when it no longer shows the volume (its loop
-        device detached, say): kubelet's staging and target paths are the volume's own, and a
-        mount left behind would keep the pod from ever terminating.
-        """
-        if mounts.mount_at(path) is not None:
-            return True
+    def _mounted(self, volume_id: str, path: str) -> mounts.MountEntry | None:
+        """The mount at `path`, if any; NOT_FOUND when nothing is mounted and the volume does
+        not exist, as the spec's tables ask. Whether the mount is the volume's is the caller's
+        question (one that is not is left alone)."""
+        entry = mounts.mount_at(path)
+        if entry is not None:
+            return entry
         found = self.driver.backend_for_id(volume_id)
         if found is None or not found[1].known_on_node(found[0].local):
             raise errors.NotFound(f"volume {volume_id!r} does not exist")
-        return False
+        return None
 
     def NodeStageVolume(self, request: pb.NodeStageVolumeRequest, context: grpc.ServicerContext
                         ) -> pb.NodeStageVolumeResponse:
@@ -224,13 +220,12 @@ class NodeService(pb_grpc.NodeServicer):
         _require(request.volume_id, "volume_id")
         target = self._path(request.target_path, "target_path")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            if self._mounted(request.volume_id, target):
-                entry = mounts.mount_at(target)
-                found = self.driver.backend_for_id(request.volume_id)
-                if entry is not None and found is not None:
-                    if not found[1].owns_mount(found[0].local, target):
-                        raise _not_ours(request.volume_id, target, entry)
-                    mounts.unmount(target)
+            entry = self._mounted(request.volume_id, target)
+            if entry is not None:
+                parsed, backend = self._volume(request.volume_id)  # an unknown ID owns nothing
+                if not backend.owns_mount(parsed.local, target):
+                    raise _not_ours(request.volume_id, target, entry)
+                mounts.unmount(target)
             # What publish made there, and nothing else, is ours to remove.
             if not paths.remove_own(target, request.volume_id):
                 log.warning("volume %s: left %s in place: publish did not make it (or it is "
@@ -242,7 +237,7 @@ class NodeService(pb_grpc.NodeServicer):
         """The volume mounted at `path`; `strict=False` lets a mount that no longer shows the
         volume through (its condition then says what is wrong)."""
         _require(volume_id, "volume_id")
-        path = self._path(path, "volume_path", outside=errors.NotFound)
+        path = self._path(path, "volume_path", lookup=True)
         parsed, backend = self._volume(volume_id)
         # The mount table first: a stat of a mounted path can hang on a dead NFS server.
         mounted = mounts.mount_at(path) is not None
