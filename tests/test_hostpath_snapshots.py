@@ -281,7 +281,10 @@ def test_group_snapshot_is_consistent_across_volumes(fsd: Driver, tmp_path: Path
         n = 0
         while not stop.is_set():
             n += 1
-            counter.write_text(str(n) * 100)
+            # Write then rename: every state of the filesystem holds a whole value (a freeze
+            # between an in-place truncate and its write would rightly snapshot an empty file).
+            (staging / "counter.new").write_text(str(n) * 100)
+            os.replace(staging / "counter.new", counter)
             time.sleep(0.001)
 
     t = threading.Thread(target=writer)
