@@ -190,8 +190,10 @@ def test_sigterm_under_load_leaves_no_half_made_volume(tmp_path: Path) -> None:
     channel.close()
     ok = results.count(grpc.StatusCode.OK)
     assert ok >= 10
+    # A call caught by the shutdown may also time out on the client (a connection the stopping
+    # server never answers); what matters is that no volume is left half-made.
     assert set(results) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE,
-                            grpc.StatusCode.CANCELLED}
+                            grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
     volumes = [p for p in (tmp_path / "d" / "volumes").iterdir()]
     assert len(volumes) >= ok  # every answered create is complete on disk
     assert all(os.getxattr(p, "trusted.berth") for p in volumes)  # each one's record is there
