@@ -76,9 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--driver-src", default=REPO, metavar="DIR",
                    help="run the csi_driver package of another checkout, e.g. a baseline commit "
                         "exported with git archive (default: this repo)")
+    p.add_argument("--in-guest", action="store_true",
+                   help="with --backend nfs: run the controller inside a User-Mode Linux guest "
+                        "(slow system calls, like a small VM) and time csi-driver-nfs's method, "
+                        "tar over a kernel NFS mount, in the same guest")
     p.add_argument("--out", help="where to write the JSON report (default "
                                  "bench/results/latest.json, rbd-latest.json with --backend rbd)")
     args = p.parse_args(argv)
+    if args.in_guest and args.backend != "nfs":
+        p.error("--in-guest: for --backend nfs only")
     if args.backend != "hostpath":
         given = [f"--{o.replace('_', '-')}" for o in HOSTPATH_ONLY if getattr(args, o) is not None]
         if given:
@@ -88,7 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.image_gib is None:
         args.image_gib = DEFAULT_IMAGE_GIB
     if args.out is None:
-        args.out = os.path.join(REPO, "bench", "results", DEFAULT_OUT[args.backend])
+        name = "nfs-guest-latest.json" if args.in_guest else DEFAULT_OUT[args.backend]
+        args.out = os.path.join(REPO, "bench", "results", name)
     if args.fs != "none" and args.data_path:
         p.error("--fs and --data-path both choose where the data goes; give one")
     if args.data_path and not os.path.isdir(args.data_path):

@@ -648,3 +648,43 @@ def create_from_snapshot(driver: Driver, name: str, snapshot_id: str, size: int 
         volume_content_source=pb.VolumeContentSource(
             snapshot=pb.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id))),
         timeout=30).volume
+
+
+def test_copy_reads_cannot_leave_the_source_volume(nfs_server: NfsServer, name: str) -> None:
+    """A copy reads each file through a connection mounted at the source volume: a directory a
+    pod swaps for a symlink after the walk listed it (relative, absolute, or climbing with ..)
+    cannot lead the read into another volume, because libnfs resolves paths within its mount."""
+    export = nfs_server.export_dir
+    (export / f"{name}-other").mkdir()
+    (export / f"{name}-other" / "secret").write_text("another tenant's")
+    for i, target in enumerate((f"../{name}-other", f"/export/{name}-other", f"/{name}-other",
+                                f"../../../{name}-other")):
+        source = export / f"{name}-{i}"
+        (source / "real").mkdir(parents=True)
+        (source / "real" / "secret").write_text("mine")
+        # The swap happens between the walk and the file copies, as a racing pod's would.
+        probe = (
+            "import os, sys\n"
+            "from csi_driver.backends.nfs import tree\n"
+            "from csi_driver.backends.nfs.libnfs import Connection, NfsError\n"
+            "addr, src, dst, where, target = sys.argv[1:6]\n"
+            "walked = tree._parallel\n"
+            "def swapped(*args, **kwargs):\n"
+            "    os.rename(f'{where}/real', f'{where}/moved')\n"
+            "    os.symlink(target, f'{where}/real')\n"
+            "    return walked(*args, **kwargs)\n"
+            "tree._parallel = swapped\n"
+            "def connect(d):\n"
+            "    return Connection(addr, '/export' + ('' if d == '/' else d), 3, 10)\n"
+            "try:\n"
+            "    tree.copy_tree(connect, src, dst)\n"
+            "except NfsError as exc:\n"
+            "    print('refused', exc.errno)\n")
+        done = subprocess.run(nfs_server.in_netns(
+            [sys.executable, "-c", probe, nfs_server.address, f"/{name}-{i}", f"/{name}-{i}-copy",
+             str(source), target]), capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("refused"), (target, done.stdout)
+        copied = [p.read_text() for p in (export / f"{name}-{i}-copy").rglob("*")
+                  if p.is_file() and not p.is_symlink()]
+        assert "another tenant's" not in copied, target

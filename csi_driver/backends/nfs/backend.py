@@ -107,9 +107,11 @@ class NfsBackend(Backend):
         if not self._ready:
             self.probe()
 
-    def _connect(self) -> Connection:
-        """A connection of its own, for long work that should not hold a pooled one."""
-        return Connection(self.config.server, self.config.share, self.config.controllerVersion,
+    def _connect(self, under: str = "/") -> Connection:
+        """A connection of its own, for long work that should not hold a pooled one, with the
+        share's directory `under` as its root."""
+        export = self.config.share.rstrip("/") + under if under != "/" else self.config.share
+        return Connection(self.config.server, export, self.config.controllerVersion,
                           self.config.timeoutSeconds)
 
     def _purger(self) -> None:

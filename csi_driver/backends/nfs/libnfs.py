@@ -45,12 +45,18 @@ class _Dirent(ctypes.Structure):
     pass
 
 
-_Dirent._fields_ = [("next", ctypes.POINTER(_Dirent)), ("name", _str), ("inode", _u64),
-                    ("type", ctypes.c_uint32), ("mode", ctypes.c_uint32)]
-
-
 class _Timeval(ctypes.Structure):
     _fields_ = [("sec", ctypes.c_long), ("usec", ctypes.c_long)]
+
+
+_u32 = ctypes.c_uint32
+# libnfs 4.0's struct nfsdirent: READDIRPLUS fills every attribute, so a walk needs no GETATTR.
+_Dirent._fields_ = [("next", ctypes.POINTER(_Dirent)), ("name", _str), ("inode", _u64),
+                    ("type", _u32), ("mode", _u32), ("size", _u64), ("atime", _Timeval),
+                    ("mtime", _Timeval), ("ctime", _Timeval), ("uid", _u32), ("gid", _u32),
+                    ("nlink", _u32), ("dev", _u64), ("rdev", _u64), ("blksize", _u64),
+                    ("blocks", _u64), ("used", _u64), ("atime_nsec", _u32),
+                    ("mtime_nsec", _u32), ("ctime_nsec", _u32)]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -91,6 +97,8 @@ def _load() -> ctypes.CDLL | None:
         "nfs_pread": ([_c_p, _c_p, _u64, _u64, _c_p], ctypes.c_int),
         "nfs_pwrite": ([_c_p, _c_p, _u64, _u64, _c_p], ctypes.c_int),
         "nfs_ftruncate": ([_c_p, _c_p, _u64], ctypes.c_int),
+        "nfs_fchmod": ([_c_p, _c_p, ctypes.c_int], ctypes.c_int),
+        "nfs_fchown": ([_c_p, _c_p, ctypes.c_int, ctypes.c_int], ctypes.c_int),
         "nfs_get_readmax": ([_c_p], _u64),
         "nfs_get_writemax": ([_c_p], _u64),
     }
@@ -273,7 +281,11 @@ class Connection:
         self._check(_lib.nfs_link(self.ctx, _b(old), _b(new)), f"link {new}")
 
     def listdir(self, path: str) -> list[tuple[str, int]]:
-        """(name, st_mode) of each entry but . and .. (READDIRPLUS gives the modes for free)."""
+        """(name, st_mode) of each entry but . and .."""
+        return [(name, st.mode) for name, st in self.scandir(path)]
+
+    def scandir(self, path: str) -> list[tuple[str, Stat]]:
+        """(name, lstat) of each entry but . and .., from READDIRPLUS: no round trip per entry."""
         assert _lib is not None
         handle = _c_p()
         self._check(_lib.nfs_opendir(self.ctx, _b(path), ctypes.byref(handle)), f"list {path}")
@@ -283,9 +295,13 @@ class Connection:
                 ent = _lib.nfs_readdir(self.ctx, handle)
                 if not ent:
                     break
-                name = os.fsdecode(ent.contents.name or b"")
+                e = ent.contents
+                name = os.fsdecode(e.name or b"")
                 if name not in (".", ".."):
-                    out.append((name, int(ent.contents.mode)))
+                    out.append((name, Stat(
+                        mode=e.mode, uid=e.uid, gid=e.gid, size=e.size, nlink=e.nlink,
+                        ino=e.inode, atime_ns=e.atime.sec * 10**9 + e.atime_nsec,
+                        mtime_ns=e.mtime.sec * 10**9 + e.mtime_nsec, blocks=e.blocks)))
         finally:
             _lib.nfs_closedir(self.ctx, handle)
         return out
@@ -321,6 +337,15 @@ class Connection:
     def ftruncate(self, fh: int, size: int) -> None:
         assert _lib is not None
         self._check(_lib.nfs_ftruncate(self.ctx, fh, size), "truncate")
+
+    # On an open file: one SETATTR, where the path calls look up every component first.
+    def fchmod(self, fh: int, mode: int) -> None:
+        assert _lib is not None
+        self._check(_lib.nfs_fchmod(self.ctx, fh, mode), "chmod")
+
+    def fchown(self, fh: int, uid: int, gid: int) -> None:
+        assert _lib is not None
+        self._check(_lib.nfs_fchown(self.ctx, fh, uid, gid), "chown")
 
     def read_file(self, path: str) -> bytes:
         chunks = []
