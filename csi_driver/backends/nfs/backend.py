@@ -311,12 +311,17 @@ class NfsBackend(Backend):
         progress.cancelled = stop
         with self._connect() as conn:
             remove_tree(conn, tmp)
-            copy_tree(self._connect, src, tmp, progress, self.config.copyWorkers)
+            # Only a snapshot's map is trusted: nothing writes to a snapshot after its copy.
+            known = (share.load_data_map(conn, src)
+                     if src.startswith(f"{share.SNAPSHOTS}/") else None)
+            copy_tree(self._connect, src, tmp, progress, self.config.copyWorkers, known)
             parent = os.path.dirname(dst)
             if parent != "/":
                 conn.makedirs(parent, 0o755)
             if image:  # the source's node marker is not the copy's
                 share.remove(conn, f"{tmp}/{ATTACHED_FILE}")
+            if dst.startswith(f"{share.SNAPSHOTS}/"):
+                share.save_data_map(conn, tmp, share.data_map_path(dst), progress.data_map())
             if job.cancel.is_set():  # deleted meanwhile: the copy must not appear after all
                 raise Cancelled
             conn.rename(tmp, dst)
@@ -444,6 +449,7 @@ class NfsBackend(Backend):
         with self._conn() as conn:
             share.to_trash(conn, f"{share.SNAPSHOTS}/{local_id}")
             share.to_trash(conn, f"{share.TMP}/snap-{local_id}")
+            share.remove(conn, share.data_map_path(f"{share.SNAPSHOTS}/{local_id}"))
             share.remove(conn, f"{share.SNAPSHOTS}/{local_id}.json")
         self._purge.set()
 

@@ -20,7 +20,7 @@ import os
 import stat
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .libnfs import Connection, NfsError, Stat
@@ -32,11 +32,31 @@ _ZEROS_READ = bytes(1 << 20)  # Connection.readmax is at most this
 _RANGE = 256 << 20
 
 
+# (start, end) byte ranges of a file that hold data, at the copy's 64 KiB piece granularity.
+Extents = list[tuple[int, int]]
+
+
 @dataclass
 class Progress:
     files: int = 0
     bytes: int = 0  # payload bytes read from the source (holes excluded)
     cancelled: Callable[[], bool] = field(default=lambda: False)
+    # The pieces written into each large file's copy (see data_map), by path below dst.
+    written: dict[str, Extents] = field(default_factory=dict)
+
+    def data_map(self) -> dict[str, Extents]:
+        """Each large file's data ranges, merged and sorted: what a later copy of this copy
+        needs to read, instead of reading every hole."""
+        out = {}
+        for rel, pieces in self.written.items():
+            merged: Extents = []
+            for start, end in sorted(pieces):
+                if merged and start <= merged[-1][1]:
+                    merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+                else:
+                    merged.append((start, end))
+            out[rel] = merged
+        return out
 
 
 class Cancelled(Exception):
@@ -44,8 +64,12 @@ class Cancelled(Exception):
 
 
 def copy_tree(connect: Callable[[str], Connection], src: str, dst: str,
-              progress: Progress | None = None, workers: int = 4) -> None:
+              progress: Progress | None = None, workers: int = 4,
+              known: Mapping[str, Extents] | None = None) -> None:
     """Copy directory `src` to `dst` (which must not exist) with everything in it.
+
+    `known` gives the data ranges of large files in `src` (a path below it -> extents), for a
+    source nobody writes to, such as a snapshot: only those ranges are read, the rest are holes.
 
     `connect(dir)` mounts the share's `dir` ("/" is its root). One connection walks the tree and
     makes the directories; `workers` more copy the files, each with a connection mounted at `src`
@@ -97,7 +121,11 @@ def copy_tree(connect: Callable[[str], Connection], src: str, dst: str,
         for r, st in large:
             with walker.open(f"{dst}/{r}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) as fout:
                 walker.ftruncate(fout, st.size)
-            tasks += [(r, st, at, min(at + _RANGE, st.size)) for at in range(0, st.size, _RANGE)]
+            progress.written[r] = []
+            # No block allocated: all hole (a large file cannot hold inline data), nothing to read.
+            extents = (known or {}).get(r, [(0, st.size)] if st.blocks else [])
+            tasks += [(r, st, at, min(at + _RANGE, end, st.size))
+                      for start, end in extents for at in range(start, min(end, st.size), _RANGE)]
         _parallel(lambda: (connect(src), connect(dst)), tasks, workers, progress)
         for r, st in large:
             with walker.open(f"{dst}/{r}", os.O_WRONLY | os.O_NOFOLLOW) as fout:
@@ -141,7 +169,8 @@ def _parallel(connect: Callable[[], tuple[Connection, Connection]], files: list[
                         _copy_one(sc, dc, rel, st, buf, progress)
                     else:
                         with dc.open(rel, os.O_WRONLY | os.O_NOFOLLOW) as fout:
-                            _fill(sc, dc, rel, fout, st, start, end, buf, progress)
+                            _fill(sc, dc, rel, fout, st, start, end, buf, progress,
+                                  progress.written[rel])
         except BaseException as exc:
             failure.append(exc)
 
@@ -176,9 +205,10 @@ def _own(conn: Connection, fout: int, st: Stat) -> None:
 
 
 def _fill(sc: Connection, dc: Connection, rel: str, fout: int, st: Stat, start: int, end: int,
-          buf: ctypes.Array[ctypes.c_char], progress: Progress) -> bool:
-    """Bytes start..end of `rel` into `fout`; True when the copy is already `end` long (the
-    last piece was written), so no truncate is needed."""
+          buf: ctypes.Array[ctypes.c_char], progress: Progress,
+          written: Extents | None = None) -> bool:
+    """Bytes start..end of `rel` into `fout`, noting each piece written in `written`; True
+    when the copy is already `end` long (the last piece was written): no truncate needed."""
     tail = end == 0
     # `sc` is mounted at the source volume, and libnfs resolves every path (symlinks a pod
     # swapped in included) within its mount: whatever `rel` leads to now is the volume's own.
@@ -199,6 +229,8 @@ def _fill(sc: Connection, dc: Connection, rel: str, fout: int, st: Stat, start: 
                     if piece != _ZEROS[:len(piece)]:
                         dc.pwrite(fout, offset + at, piece)
                         tail = offset + at + len(piece) == end
+                        if written is not None:
+                            written.append((offset + at, offset + at + len(piece)))
             offset += n
             progress.bytes += n
     return tail
