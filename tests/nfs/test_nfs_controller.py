@@ -88,6 +88,14 @@ def fill(root: Path) -> None:
         f.write(b"middle")
     # Written in full, ending in zeros: the copy must keep its length, not just its data.
     (root / "zero-tail").write_bytes(b"x" + bytes(300_000))
+    # Set-id bits survive the chown (which may clear them) because chmod comes after it.
+    (root / "setuid").write_bytes(os.urandom(1 << 20))  # the pipelines' size limit exactly
+    os.chown(root / "setuid", 1234, 5678)
+    os.chmod(root / "setuid", 0o6755)
+    (root / "empty").touch()
+    os.utime(root / "empty", ns=(1_000_000_000_000_000_000, 1_500_000_000_000_000_000))
+    for i in range(40):  # more small files than one pipeline keeps in flight
+        (root / "dir" / "sub" / f"small-{i}").write_bytes(os.urandom(i * 997))
     os.chmod(root / "dir", 0o2750)
     os.utime(root / "dir", ns=(1_000_000_000_000_000_000, 1_000_000_000_123_456_789))
 

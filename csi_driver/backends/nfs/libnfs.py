@@ -59,6 +59,47 @@ _Dirent._fields_ = [("next", ctypes.POINTER(_Dirent)), ("name", _str), ("inode",
                     ("mtime_nsec", _u32), ("ctime_nsec", _u32)]
 
 
+# void (*nfs_cb)(int err, struct nfs_context *nfs, void *data, void *private_data)
+Callback = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p)
+
+
+# void (*rpc_cb)(struct rpc_context *rpc, int status, void *data, void *private_data)
+RpcCallback = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                               ctypes.c_void_p)
+
+
+class NfsFh(ctypes.Structure):
+    """struct nfs_fh: a file handle, as nfs_get_fh returns it."""
+    _fields_ = [("len", ctypes.c_int), ("val", ctypes.c_void_p)]
+
+
+class _Set32(ctypes.Structure):  # set_mode3, set_uid3, set_gid3
+    _fields_ = [("set_it", ctypes.c_uint32), ("value", ctypes.c_uint32)]
+
+
+class _Set64(ctypes.Structure):  # set_size3
+    _fields_ = [("set_it", ctypes.c_uint32), ("value", ctypes.c_uint64)]
+
+
+class _SetTime(ctypes.Structure):  # set_atime, set_mtime: time_how, then nfstime3
+    _fields_ = [("set_it", ctypes.c_int), ("seconds", ctypes.c_uint32),
+                ("nseconds", ctypes.c_uint32)]
+
+
+class Setattr3Args(ctypes.Structure):
+    """SETATTR3args from libnfs-raw-nfs.h: one SETATTR sets owner, mode and times at once,
+    where the high-level calls take one round trip each (and a lookup of the path for times)."""
+    _fields_ = [("fh_len", ctypes.c_uint), ("fh_val", ctypes.c_void_p),
+                ("mode", _Set32), ("uid", _Set32), ("gid", _Set32), ("size", _Set64),
+                ("atime", _SetTime), ("mtime", _SetTime),
+                ("guard_check", ctypes.c_uint32), ("guard_seconds", ctypes.c_uint32),
+                ("guard_nseconds", ctypes.c_uint32)]
+
+
+SET_TO_CLIENT_TIME = 2
+
+
 def _load() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("nfs") or "libnfs.so.13"
     try:
@@ -99,6 +140,27 @@ def _load() -> ctypes.CDLL | None:
         "nfs_ftruncate": ([_c_p, _c_p, _u64], ctypes.c_int),
         "nfs_fchmod": ([_c_p, _c_p, ctypes.c_int], ctypes.c_int),
         "nfs_fchown": ([_c_p, _c_p, ctypes.c_int, ctypes.c_int], ctypes.c_int),
+        # The event loop and the async calls (pipeline.py).
+        "nfs_get_fd": ([_c_p], ctypes.c_int),
+        "nfs_which_events": ([_c_p], ctypes.c_int),
+        "nfs_service": ([_c_p, ctypes.c_int], ctypes.c_int),
+        "nfs_open2_async": ([_c_p, _str, ctypes.c_int, ctypes.c_int, Callback, _c_p],
+                            ctypes.c_int),
+        "nfs_create_async": ([_c_p, _str, ctypes.c_int, ctypes.c_int, Callback, _c_p],
+                             ctypes.c_int),
+        "nfs_pread_async": ([_c_p, _c_p, _u64, _u64, Callback, _c_p], ctypes.c_int),
+        "nfs_pwrite_async": ([_c_p, _c_p, _u64, _u64, _c_p, Callback, _c_p], ctypes.c_int),
+        "nfs_ftruncate_async": ([_c_p, _c_p, _u64, Callback, _c_p], ctypes.c_int),
+        "nfs_fchown_async": ([_c_p, _c_p, ctypes.c_int, ctypes.c_int, Callback, _c_p],
+                             ctypes.c_int),
+        "nfs_fchmod_async": ([_c_p, _c_p, ctypes.c_int, Callback, _c_p], ctypes.c_int),
+        "nfs_close_async": ([_c_p, _c_p, Callback, _c_p], ctypes.c_int),
+        "nfs_lutimes_async": ([_c_p, _str, ctypes.POINTER(_Timeval), Callback, _c_p],
+                              ctypes.c_int),
+        "nfs_get_rpc_context": ([_c_p], _c_p),
+        "nfs_get_fh": ([_c_p], ctypes.POINTER(NfsFh)),
+        "rpc_nfs3_setattr_async": ([_c_p, RpcCallback, ctypes.POINTER(Setattr3Args), _c_p],
+                                   ctypes.c_int),
         "nfs_get_readmax": ([_c_p], _u64),
         "nfs_get_writemax": ([_c_p], _u64),
     }
@@ -109,6 +171,8 @@ def _load() -> ctypes.CDLL | None:
 
 
 _lib = _load()
+lib = _lib  # for pipeline.py, which drives the async calls itself
+Timeval = _Timeval
 
 
 class NfsError(OSError):
@@ -169,6 +233,23 @@ class Connection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # The event loop, for async calls (pipeline.py).
+    def fd(self) -> int:
+        assert _lib is not None
+        return int(_lib.nfs_get_fd(self.ctx))
+
+    def which_events(self) -> int:
+        assert _lib is not None
+        return int(_lib.nfs_which_events(self.ctx))
+
+    def service(self, revents: int) -> int:
+        assert _lib is not None
+        return int(_lib.nfs_service(self.ctx, revents))
+
+    def error(self) -> str:
+        assert _lib is not None
+        return (_lib.nfs_get_error(self.ctx) or b"").decode(errors="replace")
 
     @property
     def ctx(self) -> int:

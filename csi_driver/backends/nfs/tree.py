@@ -1,4 +1,4 @@
-"""Whole-tree operations over one libnfs connection: copy (for snapshots, restores and clones)
+"""Whole-tree operations over libnfs connections: copy (for snapshots, restores and clones)
 and remove (for the trash purger).
 
 The copy keeps what `cp -a` keeps on a filesystem without xattrs: modes, owners, times, symlinks,
@@ -20,16 +20,20 @@ import os
 import stat
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from .libnfs import Connection, NfsError, Stat
+from .pipeline import Pipeline
 
 _PIECE = 64 << 10
 _ZEROS = bytes(_PIECE)
 _ZEROS_READ = bytes(1 << 20)  # Connection.readmax is at most this
 # Files above this are copied in ranges of this size, by every worker at once.
 _RANGE = 256 << 20
+# Regular files up to this size are copied by pipelines, _DEPTH of them in flight on each.
+_SMALL = 1 << 20
+_DEPTH = 32
 
 
 # (start, end) byte ranges of a file that hold data, at the copy's 64 KiB piece granularity.
@@ -74,7 +78,8 @@ def copy_tree(connect: Callable[[str], Connection], src: str, dst: str,
     `connect(dir)` mounts the share's `dir` ("/" is its root). One connection walks the tree and
     makes the directories; `workers` more copy the files, each with a connection mounted at `src`
     and one at `dst`. libnfs looks every component of a path up afresh, so short paths are
-    what keeps a small file's copy to about fifteen round trips, not forty.
+    what keeps a small file's copy to about fifteen round trips, not forty; and small files
+    are copied many at a time on each pair (pipeline.py), the rest one call at a time.
     """
     progress = progress or Progress()
     walker = connect("/")
@@ -151,13 +156,32 @@ _Task = tuple[str, Stat, int, int]
 def _parallel(connect: Callable[[], tuple[Connection, Connection]], files: list[_Task],
               workers: int, progress: Progress) -> None:
     lock = threading.Lock()
-    queue = iter(files)
+    # Small regular files go through pipelines (many in flight per connection), the rest
+    # (links, larger files, ranges of large ones) one call at a time, once a worker's
+    # pipeline has run dry.
+    small = iter([(rel, st) for rel, st, _, end in files
+                  if end < 0 and stat.S_ISREG(st.mode) and st.size <= _SMALL])
+    queue = iter([t for t in files
+                  if not (t[3] < 0 and stat.S_ISREG(t[1].mode) and t[1].size <= _SMALL)])
     failure: list[BaseException] = []
+
+    def next_small() -> Iterator[tuple[str, Stat]]:
+        while not failure:
+            with lock:
+                item = next(small, None)
+            if item is None:
+                return
+            yield item
+
+    def one_done() -> None:
+        with lock:
+            progress.files += 1
 
     def work() -> None:
         try:
             sc, dc = connect()
             with sc, dc:
+                Pipeline(sc, dc, _DEPTH, one_done, progress.cancelled).run(next_small())
                 buf = ctypes.create_string_buffer(min(sc.readmax, dc.readmax))
                 while not failure:
                     with lock:
