@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -730,3 +731,45 @@ def test_copy_reads_cannot_leave_the_source_volume(nfs_server: NfsServer, name: 
         copied = [p.read_text() for p in (export / f"{name}-{i}-copy").rglob("*")
                   if p.is_file() and not p.is_symlink()]
         assert "another tenant's" not in copied, target
+
+
+def test_server_stalls_during_small_file_copy(nfs_server: NfsServer, tmp_path: Path,
+                                              name: str) -> None:
+    """Ganesha stops answering in the middle of a snapshot of many small files (copied many at
+    a time with async calls): the copy gives up within the backend's timeout as UNAVAILABLE,
+    and once the server is back a retried CreateSnapshot makes a complete snapshot."""
+    driver = start_nfs_driver(nfs_server, tmp_path, {"nfs": nfs_backend(
+        nfs_server, timeoutSeconds=2, copyWaitSeconds=1)})
+    try:
+        vol = create(driver, name)
+        source = nfs_server.export_dir / name
+        for d in range(40):  # 6,000 files: a few seconds of copying
+            (source / f"d{d}").mkdir()
+            for f in range(150):
+                (source / f"d{d}" / f"f{f}").write_bytes(os.urandom(2048))
+        expected = tree(source)
+        request = pb.CreateSnapshotRequest(name=name + "-snap", source_volume_id=vol.volume_id)
+        assert not driver.controller.CreateSnapshot(request, timeout=10).snapshot.ready_to_use
+        assert nfs_server.ganesha is not None
+        os.kill(nfs_server.ganesha.pid, signal.SIGSTOP)
+        try:
+            time.sleep(5)  # the copy's calls time out after 2 s
+        finally:
+            os.kill(nfs_server.ganesha.pid, signal.SIGCONT)
+        codes = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                snap = driver.controller.CreateSnapshot(request, timeout=10).snapshot
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                continue
+            if snap.ready_to_use:
+                break
+            time.sleep(0.2)
+        assert snap.ready_to_use
+        assert grpc.StatusCode.UNAVAILABLE in codes, codes  # the stalled copy was reported
+        copy = nfs_server.export_dir / ".berth" / "snapshots" / snap.snapshot_id.split(":", 1)[1]
+        assert tree(copy) == expected
+    finally:
+        driver.stop()

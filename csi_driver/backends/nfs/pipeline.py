@@ -61,9 +61,10 @@ class Pipeline:
     """Copy small regular files from `src` (mounted at the source) to `dst` (at the copy)."""
 
     def __init__(self, src: Connection, dst: Connection, depth: int,
-                 done: Callable[[], None], cancelled: Callable[[], bool]) -> None:
+                 tally: Callable[[int, int], None], cancelled: Callable[[], bool]) -> None:
+        """`tally(files, bytes)` counts progress; `cancelled()` stops it between files."""
         self.src, self.dst, self.depth = src, dst, depth
-        self.done, self.cancelled = done, cancelled
+        self.tally, self.cancelled = tally, cancelled
         self.calls: dict[int, tuple[_File, Callable[[_File, int, int], None]]] = {}
         self.next_id = 1
         self.failure: BaseException | None = None
@@ -156,6 +157,7 @@ class Pipeline:
         assert lib is not None
         if n > 0:
             f.keep[0] += ctypes.string_at(buf, min(n, f.st.size - len(f.keep[0])))
+            self.tally(0, n)
             if len(f.keep[0]) < f.st.size:  # a server whose reads are shorter than the file
                 self._read_more(f)
                 return
@@ -249,4 +251,4 @@ class Pipeline:
 
     def _done(self, f: _File, _n: int, _data: int) -> None:
         self._finish(f)
-        self.done()
+        self.tally(1, 0)

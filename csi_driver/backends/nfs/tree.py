@@ -173,15 +173,16 @@ def _parallel(connect: Callable[[], tuple[Connection, Connection]], files: list[
                 return
             yield item
 
-    def one_done() -> None:
+    def tally(files: int, nbytes: int) -> None:
         with lock:
-            progress.files += 1
+            progress.files += files
+            progress.bytes += nbytes
 
     def work() -> None:
         try:
             sc, dc = connect()
             with sc, dc:
-                Pipeline(sc, dc, _DEPTH, one_done, progress.cancelled).run(next_small())
+                Pipeline(sc, dc, _DEPTH, tally, progress.cancelled).run(next_small())
                 buf = ctypes.create_string_buffer(min(sc.readmax, dc.readmax))
                 while not failure:
                     with lock:
