@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import schema
-from .backends import backend_types
+from .backends import backend_type, type_names
 from .backends.base import BackendConfig
 from .ids import BACKEND_NAME_RE
 
@@ -66,7 +66,6 @@ def parse_settings(data: Any, source: str = "config") -> Settings:
         top = schema.load(_File, data)
     except schema.SchemaError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    types = backend_types()
     backends: dict[str, BackendConfig] = {}
     for name, raw in top.backends.items():
         where = f"backends.{name}"
@@ -76,16 +75,17 @@ def parse_settings(data: Any, source: str = "config") -> Settings:
                 "(at most 63), because they become part of volume IDs"
             )
         if not isinstance(raw, dict) or "type" not in raw:
-            known = ", ".join(sorted(types))
+            known = ", ".join(type_names())
             raise ConfigError(f"{source}: {where}.type: required (one of {known})")
         kind = raw["type"]
-        if kind not in types:
+        kind_class = backend_type(kind) if isinstance(kind, str) else None
+        if kind_class is None:
             raise ConfigError(
                 f"{source}: {where}.type: unknown backend type {kind!r}; "
-                f"known: {', '.join(sorted(types))}"
+                f"known: {', '.join(type_names())}"
             )
         try:
-            backends[name] = schema.load(types[kind].Config, raw, where)
+            backends[name] = schema.load(kind_class.Config, raw, where)
         except schema.SchemaError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     return Settings(top.driverName, top.maxVolumesPerNode, backends)

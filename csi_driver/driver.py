@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from . import errors, ids
-from .backends import backend_types
+from .backends import backend_type
 from .backends.base import Backend, NodeInfo
 from .config import Settings
 from .locks import KeyedLocks
@@ -31,10 +31,11 @@ class Driver:
     def from_settings(cls, settings: Settings, node_id: str,
                       kubelet_dir: str = DEFAULT_KUBELET_DIR) -> Driver:
         node = NodeInfo(node_id=node_id, driver_name=settings.driver_name)
-        types = backend_types()
-        backends = {
-            name: types[cfg.type](name, cfg, node) for name, cfg in settings.backends.items()
-        }
+        backends = {}
+        for name, cfg in settings.backends.items():
+            kind = backend_type(cfg.type)
+            assert kind is not None  # parse_settings checked it
+            backends[name] = kind(name, cfg, node)
         return cls(settings=settings, node=node, backends=backends, kubelet_dir=kubelet_dir)
 
     def backend_for_parameters(self, parameters: Mapping[str, str]) -> tuple[str, Backend]:

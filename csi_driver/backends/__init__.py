@@ -4,29 +4,45 @@ A third-party package adds a backend by declaring, in its pyproject.toml,
   [project.entry-points."csi_driver.backends"]
   mytype = "my_package.module:MyBackend"
 where MyBackend subclasses csi_driver.backends.base.Backend.
+
+Types are imported only when a configuration names them: importing this package (or the
+interface in `base`) loads no backend, so a plug-in never pays for libnfs or librados.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
 
-from .base import Backend
-from .hostpath import HostPathBackend
-from .nfs import NfsBackend
-from .rbd import RbdBackend
+if TYPE_CHECKING:
+    from .base import Backend
 
 ENTRY_POINT_GROUP = "csi_driver.backends"
-# The rbd module imports librados/librbd only when a cluster is used, so listing it costs nothing.
-BUILTIN: dict[str, type[Backend]] = {
-    "hostpath": HostPathBackend, "nfs": NfsBackend, "rbd": RbdBackend,
+BUILTIN = {
+    "hostpath": "csi_driver.backends.hostpath:HostPathBackend",
+    "nfs": "csi_driver.backends.nfs:NfsBackend",
+    "rbd": "csi_driver.backends.rbd:RbdBackend",
 }
 
 
-def backend_types() -> dict[str, type[Backend]]:
-    """Every known backend type by name; built-in names cannot be replaced by a plug-in."""
-    found: dict[str, type[Backend]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in BUILTIN:
-            found[ep.name] = ep.load()
-    found.update(BUILTIN)
+def _plugins() -> dict[str, str]:
+    """Plug-in types by name (module:attribute); built-in names cannot be replaced."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)
+            if ep.name not in BUILTIN}
+
+
+def type_names() -> list[str]:
+    return sorted({*BUILTIN, *_plugins()})
+
+
+@functools.cache
+def backend_type(name: str) -> type[Backend] | None:
+    """The class for a type name, imported now; None for a name nobody registered."""
+    target = BUILTIN.get(name) or _plugins().get(name)
+    if target is None:
+        return None
+    module, _, attr = target.partition(":")
+    found: type[Backend] = getattr(importlib.import_module(module), attr)
     return found

@@ -13,41 +13,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .. import errors
+from ..capability import SINGLE_NODE_MODES, AccessMode, Capability
+
+__all__ = ["SINGLE_NODE_MODES", "AccessMode", "Capability"]  # and what follows
 
 # CSI secrets of a request (the sidecars fill them from StorageClass secret references).
 Secrets = Mapping[str, str]
 NO_SECRETS: Secrets = {}
-
-
-class AccessMode(enum.IntEnum):
-    # Values equal csi.v1.VolumeCapability.AccessMode.Mode so the services can convert directly.
-    SINGLE_NODE_WRITER = 1
-    SINGLE_NODE_READER_ONLY = 2
-    MULTI_NODE_READER_ONLY = 3
-    MULTI_NODE_SINGLE_WRITER = 4
-    MULTI_NODE_MULTI_WRITER = 5
-    SINGLE_NODE_SINGLE_WRITER = 6
-    SINGLE_NODE_MULTI_WRITER = 7
-
-
-SINGLE_NODE_MODES = frozenset(
-    {
-        AccessMode.SINGLE_NODE_WRITER,
-        AccessMode.SINGLE_NODE_READER_ONLY,
-        AccessMode.SINGLE_NODE_SINGLE_WRITER,
-        AccessMode.SINGLE_NODE_MULTI_WRITER,
-    }
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Capability:
-    """One requested volume capability."""
-
-    block: bool
-    access_mode: AccessMode
-    fs_type: str = ""
-    mount_flags: tuple[str, ...] = ()
 
 
 class Expansion(enum.Enum):

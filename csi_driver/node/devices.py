@@ -10,10 +10,9 @@ import os
 import stat
 
 from .. import errors
-from ..backends.base import AccessMode, Capability
+from ..capability import Capability
 from . import filesystems, mounts
 
-READ_ONLY_MODES = (AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY)
 DEVICE_NAME = "device"
 
 

@@ -170,7 +170,7 @@ class NodeService(pb_grpc.NodeServicer):
                     "call NodeStageVolume first"
                 )
             read_only = (request.readonly or staged.read_only
-                         or cap.access_mode in devices.READ_ONLY_MODES)
+                         or cap.read_only)
             if cap.access_mode in EXCLUSIVE_MODES and not read_only:
                 self._check_exclusive(text, staged, source, target)
             flags = mounts.bind_flags(cap.mount_flags, read_only)

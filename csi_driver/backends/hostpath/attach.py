@@ -32,7 +32,7 @@ class Attacher:
                 f"it cannot be staged as {'block' if cap.block else 'a mount'}"
             )
         read_only = (rec.mutable.get("readOnly") == "true"
-                     or cap.access_mode in devices.READ_ONLY_MODES)
+                     or cap.read_only)
         if rec.layout == DIRECTORY:
             flags = mounts.bind_flags(cap.mount_flags, read_only)
             mounts.ensure_bind(self.store.payload(self.store.volumes, local_id, rec), staging,

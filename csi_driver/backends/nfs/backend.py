@@ -485,8 +485,7 @@ class NfsBackend(Backend):
         options = [*self.config.mountOptions,
                    *(o for o in context.get("mountOptions", "").split(",") if o)]
         version = context.get("nfsVersion") or self.config.nfsVersion
-        read_only = capability.access_mode in (AccessMode.SINGLE_NODE_READER_ONLY,
-                                               AccessMode.MULTI_NODE_READER_ONLY)
+        read_only = capability.read_only
         if context.get("volumeLayout") == volumes.IMAGE:
             # Bounded (losetup, blkid and mkfs on a server that stopped answering never
             # return); one at a time per volume, so a retry never races a stage still running.

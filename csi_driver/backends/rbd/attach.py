@@ -149,7 +149,7 @@ class Attacher:
 
     # -- staging -----------------------------------------------------------------------------
     def stage(self, image: str, staging: str, cap: Capability, creds: Credentials) -> None:
-        read_only = cap.access_mode in devices.READ_ONLY_MODES
+        read_only = cap.read_only
         if not cap.block and mounts.mount_at(staging) is not None:
             if self.owns(image, staging):
                 return
