@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 
+from . import requestid
 from .config import NODE_ID_RE, ConfigError, load_settings
 from .driver import DEFAULT_KUBELET_DIR, Driver
 from .server import MODES, Endpoint, EndpointError, Server
@@ -37,13 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=16, help="concurrent RPCs")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--slow-rpc-seconds", type=float, default=10.0,
+                   help="an RPC that takes longer also gets a WARNING line (default 10)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # [rid]: the request id of the RPC a line comes from, wherever in the driver it is logged.
     logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s [%(rid)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(requestid.Stamp())
     if not NODE_ID_RE.fullmatch(args.node_id or ""):
         print(f"csi-driver: --node-id {args.node_id!r} must be 1-63 letters, digits, '.', '-' "
               "or '_', starting and ending with a letter or digit (it is a topology value)",
@@ -53,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, args.data_dir)
         endpoint = Endpoint.parse(args.endpoint)
         driver = Driver.from_settings(settings, args.node_id, args.kubelet_dir)
-        server = Server(driver, endpoint, args.mode,
-                        args.workers)
+        server = Server(driver, endpoint, args.mode, args.workers,
+                        slow_ms=args.slow_rpc_seconds * 1000)
         server.run_until_signalled()
     except (ConfigError, EndpointError) as exc:
         print(f"csi-driver: {exc}", file=sys.stderr)

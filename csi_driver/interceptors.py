@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from . import requestid
 from .csi import csi_pb2 as pb
 from .errors import CsiError, InvalidArgument
 
@@ -53,6 +54,9 @@ def _decode(deserialize: Callable[[bytes], Any] | None, raw: bytes) -> Any:
 
 
 class RpcInterceptor(grpc.ServerInterceptor):
+    def __init__(self, slow_ms: float = 10_000.0) -> None:
+        self.slow_ms = slow_ms  # an RPC this long also gets a WARNING line
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
@@ -67,6 +71,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
 
         def wrapped(raw: bytes, context: grpc.ServicerContext) -> Any:
             rid = f"{_prefix}-{next(_ids)}"
+            token = requestid.current.set(rid)
             start = time.perf_counter()
             code, detail = grpc.StatusCode.OK, ""
             try:
@@ -87,6 +92,10 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 ms = (time.perf_counter() - start) * 1000
                 log.info("rpc=%s id=%s status=%s duration_ms=%.2f%s", method, rid, code.name,
                          ms, f" error={detail!r}" if detail else "")
+                if ms >= self.slow_ms:
+                    log.warning("slow rpc=%s id=%s took %.0f ms (threshold %.0f ms)", method,
+                                rid, ms, self.slow_ms)
+                requestid.current.reset(token)
             context.abort(code, detail)
 
         # grpcio answers a request its deserializer rejects with INTERNAL "Exception

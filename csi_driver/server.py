@@ -68,13 +68,13 @@ def _clear_stale_socket(path: str) -> None:
 
 class Server:
     def __init__(self, driver: Driver, endpoint: Endpoint, mode: str = "all",
-                 workers: int = 16) -> None:
+                 workers: int = 16, slow_ms: float = 10_000.0) -> None:
         self.driver = driver
         self.endpoint = endpoint
         self._stop = threading.Event()
         self._grpc = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-            interceptors=[RpcInterceptor()],
+            interceptors=[RpcInterceptor(slow_ms)],
         )
         controller = mode in ("all", "controller")
         pb_grpc.add_IdentityServicer_to_server(IdentityService(driver, controller), self._grpc)

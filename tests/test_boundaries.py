@@ -1,6 +1,7 @@
 """The layers of docs/architecture.md, enforced: an import that crosses one fails here.
 
-  foundation  errors, capability, ids, locks, quantity, faults: nothing of ours but errors
+  foundation  errors, capability, ids, locks, quantity, faults, requestid: nothing of ours
+              but errors
   node/       host helpers: no backend, no service, no protobuf
   backends/   storage systems: no service, no protobuf, no server
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "csi_driver"
-FOUNDATION = {"errors", "capability", "ids", "locks", "quantity", "faults"}
+FOUNDATION = {"errors", "capability", "ids", "locks", "quantity", "faults", "requestid"}
 # (layer prefix, prefixes it must not import)
 RULES = [
     ("csi_driver.node", ("csi_driver.backends", "csi_driver.services", "csi_driver.csi",

@@ -198,3 +198,40 @@ def test_sigterm_under_load_leaves_no_half_made_volume(tmp_path: Path) -> None:
     assert len(volumes) >= ok  # every answered create is complete on disk
     assert all(os.getxattr(p, "trusted.berth") for p in volumes)  # each one's record is there
     assert list((tmp_path / "d" / ".tmp").iterdir()) == []
+
+
+def test_every_log_line_of_an_rpc_names_its_request(tmp_path: Path, name: str) -> None:
+    """The request id is on each line an RPC causes (the [id] field), the slow-call warning
+    included; lines outside any RPC show [-]."""
+    d = start_driver(tmp_path, hostpath_config(tmp_path), "--slow-rpc-seconds", "0",
+                     "--log-level", "DEBUG")
+    try:
+        d.controller.CreateVolume(pb.CreateVolumeRequest(
+            name=name, volume_capabilities=[mount_cap()]))
+    finally:
+        assert d.stop() == 0
+    lines = d.log().splitlines()
+    done = [ln for ln in lines if "rpc=/csi.v1.Controller/CreateVolume" in ln and "status=" in ln]
+    assert len(done) == 1, lines
+    rid = re.search(r" id=(\S+) ", done[0]).group(1)  # type: ignore[union-attr]
+    mine = [ln for ln in lines if f"[{rid}]" in ln]
+    assert any("request={" in ln for ln in mine)  # the DEBUG line of the request
+    assert any("slow rpc=/csi.v1.Controller/CreateVolume" in ln for ln in mine)
+    assert done[0] in mine
+    assert any("[-]" in ln for ln in lines)  # start-up lines belong to no request
+
+
+def test_threads_started_for_a_request_keep_its_id() -> None:
+    from csi_driver import requestid
+
+    seen: list[str] = []
+    token = requestid.current.set("abc-1")
+    try:
+        t = threading.Thread(target=requestid.in_context(lambda: seen.append(
+            requestid.current.get())))
+        plain = threading.Thread(target=lambda: seen.append(requestid.current.get()))
+        t.start(), plain.start()
+        t.join(), plain.join()
+    finally:
+        requestid.current.reset(token)
+    assert sorted(seen) == ["-", "abc-1"]

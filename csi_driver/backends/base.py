@@ -67,6 +67,11 @@ class VolumeRequest:
     limit: int = 0  # capacity_range.limit_bytes; 0 = none
     secrets: Secrets = field(default_factory=dict, repr=False)
 
+    @property
+    def block(self) -> bool:
+        """Raw block, not mounted (the service refuses a request asking for both)."""
+        return any(c.block for c in self.capabilities)
+
 
 @dataclass(frozen=True, slots=True)
 class Condition:
@@ -174,7 +179,8 @@ class Backend(ABC):
     @abstractmethod
     def stage(self, local_id: str, staging_path: str, capability: Capability,
               context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
-        """Make the volume available at `staging_path` (idempotent)."""
+        """Make the volume available at `staging_path`. The service has checked that it is not
+        staged there already (by owns_mount) and that no other mount is in the way."""
 
     @abstractmethod
     def unstage(self, local_id: str, staging_path: str) -> None:
@@ -194,10 +200,6 @@ class Backend(ABC):
         """Why a volume made with `parameters` cannot serve `capability` when the backend as a
         whole can (a layout without raw block, say); None when it can."""
         return None
-
-    def publish_source(self, local_id: str, staging_path: str, capability: Capability) -> str:
-        """What NodePublish bind-mounts onto the target: by default the staging path itself."""
-        return staging_path
 
     # -- optional features: the services only call these when `features` says so ---------
     def _unsupported(self, what: str) -> errors.Unimplemented:

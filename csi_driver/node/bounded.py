@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from .. import requestid
 from ..errors import Unavailable
 
 T = TypeVar("T")
@@ -42,7 +43,8 @@ def call(key: str, fn: Callable[..., T], *args: object, timeout: float) -> T:
             with _guard:
                 _busy.discard(key)
 
-    thread = threading.Thread(target=run, name=f"bounded {key}", daemon=True)
+    thread = threading.Thread(target=requestid.in_context(run), name=f"bounded {key}",
+                              daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():

@@ -123,6 +123,8 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
         if not request.name:
             raise errors.InvalidArgument("name is required")
         caps = capabilities.parse_all(request.volume_capabilities)
+        if len({c.block for c in caps}) > 1:
+            raise errors.InvalidArgument("a volume is either raw block or mounted, not both")
         parameters = dict(request.parameters)
         backend_name, backend = self.driver.backend_for_parameters(parameters)
         own = self.driver.backend_parameters(parameters)

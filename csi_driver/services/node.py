@@ -129,6 +129,9 @@ class NodeService(pb_grpc.NodeServicer):
         staging = self._staging_dir(request.staging_target_path)
         with self.driver.locks.hold(f"id:{request.volume_id}"):
             self._foreign_stage(request.volume_id, parsed.local, backend, staging)
+            source = _staged_source(staging, cap)
+            if mounts.mount_at(source) is not None and backend.owns_mount(parsed.local, source):
+                return pb.NodeStageVolumeResponse()  # staged already: NodeStage is idempotent
             backend.stage(parsed.local, staging, cap, dict(request.volume_context),
                           request.secrets)
         return pb.NodeStageVolumeResponse()
@@ -160,7 +163,7 @@ class NodeService(pb_grpc.NodeServicer):
         if not backend.known_on_node(parsed.local):
             raise errors.NotFound(f"volume {request.volume_id!r} does not exist")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            source = backend.publish_source(parsed.local, staging, cap)
+            source = _staged_source(staging, cap)
             self._recover_stale(request, staging, target, parsed.local, backend, cap, source)
             text = mounts.read_mountinfo()
             staged = mounts.mount_at(source, text)
@@ -319,3 +322,9 @@ class NodeService(pb_grpc.NodeServicer):
             max_volumes_per_node=self.driver.settings.max_volumes_per_node,
             accessible_topology=pb.Topology(segments={node.topology_key: node.node_id}),
         )
+
+
+def _staged_source(staging: str, cap: Capability) -> str:
+    """Where a staged volume is: the staging directory, or for block access the device node
+    bind-mounted on <staging>/device (what NodePublish binds onward)."""
+    return devices.block_target(staging) if cap.block else staging

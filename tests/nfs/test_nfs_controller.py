@@ -462,7 +462,7 @@ def test_abandoned_restore_is_reclaimed(nfs_server: NfsServer, tmp_path: Path,
     berth = nfs_server.export_dir / ".berth"
     try:
         vol = create(driver, name)
-        for i in range(2500):  # ~3 s to copy: longer than the age
+        for i in range(10000):  # ~4 s to copy at ~2500 files/s: longer than the age
             (nfs_server.export_dir / name / f"f{i}").write_bytes(b"%d" % i)
         snap = snapshot_ready(driver, name + "-snap", vol.volume_id, timeout=120)
         copy = berth / "snapshots" / snap.snapshot_id.split(":", 1)[1]
@@ -487,8 +487,8 @@ def test_abandoned_restore_is_reclaimed(nfs_server: NfsServer, tmp_path: Path,
 
         started = time.monotonic()
         live = until_made(name + "-live")
-        print(f"\nrestore of 2500 files, retried: {time.monotonic() - started:.1f} s")
-        assert len(list((nfs_server.export_dir / (name + "-live")).iterdir())) == 2500
+        print(f"\nrestore of 10000 files, retried: {time.monotonic() - started:.1f} s")
+        assert len(list((nfs_server.export_dir / (name + "-live")).iterdir())) == 10000
 
         gone = name + "-gone"
         assert status_of(lambda: restore(gone)) == grpc.StatusCode.ABORTED
@@ -506,10 +506,10 @@ def test_abandoned_restore_is_reclaimed(nfs_server: NfsServer, tmp_path: Path,
         wait_for(lambda: not leftovers(), timeout=60)
         assert "reclaiming the copy of volume " + repr(gone) in driver.log()
         assert tree(copy) == before  # the source is intact
-        assert len(list((nfs_server.export_dir / name).iterdir())) == 2500
+        assert len(list((nfs_server.export_dir / name).iterdir())) == 10000
         # A late retry starts over from nothing and still gets the whole copy.
         late = until_made(gone)
-        assert len(list((nfs_server.export_dir / gone).iterdir())) == 2500
+        assert len(list((nfs_server.export_dir / gone).iterdir())) == 10000
         for volume_id in (live.volume_id, late.volume_id, vol.volume_id):
             driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))
         driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))

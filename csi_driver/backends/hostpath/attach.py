@@ -38,10 +38,6 @@ class Attacher:
             mounts.ensure_bind(self.store.payload(self.store.volumes, local_id, rec), staging,
                                flags)
             return
-        if rec.layout == IMAGE and mounts.mount_at(staging) is not None:
-            if self.owns(local_id, rec, staging):
-                return
-            raise errors.AlreadyExists(f"{staging} already holds another mount")
         device = loop.attach(self._image(local_id))
         faults.point("stage")
         try:

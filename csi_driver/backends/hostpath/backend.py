@@ -11,7 +11,6 @@ from collections.abc import Iterator, Mapping
 
 from ... import errors, ids
 from ...node import copying, filesystems, loop, mounts
-from ...node.devices import block_target
 from ..base import (
     NO_SECRETS,
     SINGLE_NODE_MODES,
@@ -163,10 +162,7 @@ class HostPathBackend(Backend):
 
     # -- volumes -------------------------------------------------------------------------
     def _layout_for(self, request: VolumeRequest) -> tuple[str, str]:
-        blocks = {c.block for c in request.capabilities}
-        if blocks == {True, False}:
-            raise errors.InvalidArgument("a volume is either raw block or mounted, not both")
-        if True in blocks:
+        if request.block:
             return BLOCK, ""
         layout = request.parameters.get("layout", self.config.layout)
         if layout not in (DIRECTORY, IMAGE):
@@ -490,9 +486,6 @@ class HostPathBackend(Backend):
 
     def unstage(self, local_id: str, staging_path: str) -> None:
         self.attacher.unstage(local_id, staging_path)
-
-    def publish_source(self, local_id: str, staging_path: str, capability: Capability) -> str:
-        return block_target(staging_path) if capability.block else staging_path
 
     def known_on_node(self, local_id: str) -> bool:
         return self.store.read(self.store.volumes, local_id) is not None

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from ... import errors, faults, ids
-from ...node import bounded, devices, mounts
+from ...node import bounded, mounts
 from ..base import (
     NO_SECRETS,
     AccessMode,
@@ -196,7 +196,7 @@ class NfsBackend(Backend):
                                        request.name)
         local_id = ids.local_id_for_name(request.name)
         layout = settings["volumeLayout"]
-        block = volumes.check_capabilities(request)
+        block = request.block
         with self._conn() as conn:
             rec = share.volume_record(conn, local_id)
             if rec is not None:
@@ -498,8 +498,6 @@ class NfsBackend(Backend):
             return
         if capability.block:
             raise errors.FailedPrecondition("a directory volume has no block device")
-        if mounts.mount_at(staging_path) is not None:
-            return  # staged already: NodeStage is idempotent
         if not os.path.isdir(staging_path):
             raise errors.FailedPrecondition(f"staging path {staging_path} is not a directory")
         for flag in capability.mount_flags:
@@ -542,9 +540,6 @@ class NfsBackend(Backend):
             self.images.unstage(local_id, staging_path)
         else:
             mounts.unmount(staging_path, wait=self.config.timeoutSeconds)
-
-    def publish_source(self, local_id: str, staging_path: str, capability: Capability) -> str:
-        return devices.block_target(staging_path) if capability.block else staging_path
 
     def owns_mount(self, local_id: str, path: str) -> bool:
         if self.images.is_image(local_id):

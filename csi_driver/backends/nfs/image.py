@@ -48,10 +48,6 @@ class ImageAttacher:
 
     def stage(self, local_id: str, staging: str, cap: Capability, fs_type: str,
               mount_share: Callable[[str], None], read_only: bool) -> None:
-        if self.owns(local_id, staging, cap.block):
-            return
-        if mounts.mount_at(staging) is not None:
-            raise errors.AlreadyExists(f"{staging} already holds another mount")
         where = self.share_dir(local_id)
         mounted = claimed = False
         device = ""

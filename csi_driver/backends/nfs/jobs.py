@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ... import requestid
 from .tree import Progress
 
 
@@ -51,7 +52,8 @@ class Jobs:
             finally:
                 job.done.set()
 
-        threading.Thread(target=run, name=f"copy {key}", daemon=True).start()
+        threading.Thread(target=requestid.in_context(run), name=f"copy {key}",
+                         daemon=True).start()
         return job
 
     def forget(self, key: str) -> None:

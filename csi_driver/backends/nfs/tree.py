@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from ... import requestid
 from .libnfs import Connection, NfsError, Stat
 from .pipeline import Pipeline
 
@@ -199,7 +200,7 @@ def _parallel(connect: Callable[[], tuple[Connection, Connection]], files: list[
         except BaseException as exc:
             failure.append(exc)
 
-    threads = [threading.Thread(target=work, daemon=True)
+    threads = [threading.Thread(target=requestid.in_context(work), daemon=True)
                for _ in range(max(1, min(workers, len(files))))]
     for t in threads:
         t.start()

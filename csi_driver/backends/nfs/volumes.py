@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 
 from ... import errors
-from ..base import SINGLE_NODE_MODES, Capability, VolumeRequest
+from ..base import SINGLE_NODE_MODES, Capability
 from . import share
 from .config import NFS_VERSIONS, ON_DELETE, NfsConfig, parse_mode
 from .image import ATTACHED_FILE
@@ -80,14 +80,6 @@ def layout_problem(layout: str, cap: Capability) -> str | None:
                 "file): ask for a single-node access mode, or use the directory layout")
     return None
 
-
-def check_capabilities(request: VolumeRequest) -> bool:
-    """Whether the volume is raw block. What the layout cannot serve the service has refused
-    already (Backend.capability_problem); a mix of block and mount is refused here."""
-    block = any(c.block for c in request.capabilities)
-    if block and not all(c.block for c in request.capabilities):
-        raise errors.InvalidArgument("a volume is either raw block or a filesystem, not both")
-    return block
 
 def grow_image(conn: Connection, image: str, size: int, create: bool = False) -> None:
     """A sparse image of at least `size` bytes (never shrunk)."""

@@ -150,10 +150,6 @@ class Attacher:
     # -- staging -----------------------------------------------------------------------------
     def stage(self, image: str, staging: str, cap: Capability, creds: Credentials) -> None:
         read_only = cap.read_only
-        if not cap.block and mounts.mount_at(staging) is not None:
-            if self.owns(image, staging):
-                return
-            raise errors.AlreadyExists(f"{staging} already holds another mount")
         device = self.attach(image, creds, read_only)
         try:
             if cap.block:

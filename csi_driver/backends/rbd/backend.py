@@ -8,7 +8,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ... import errors, faults, ids
-from ...node import devices
 from ..base import (
     NO_SECRETS,
     SINGLE_NODE_MODES,
@@ -123,8 +122,6 @@ class RbdBackend(Backend):
         image = self._vol(local_id)
         feature_names = request.parameters.get("imageFeatures", self.config.imageFeatures)
 
-        if len({c.block for c in request.capabilities}) > 1:
-            raise errors.InvalidArgument("a volume is either raw block or mounted, not both")
         self._check_qos(request.mutable_parameters)
 
         def create(ctx: Any) -> ImageRecord:
@@ -133,7 +130,7 @@ class RbdBackend(Backend):
             bits = images.features(rbd.RBD(), feature_names)
             rec = ImageRecord(image=image, name=request.name, size=request.size,
                               parameters=dict(request.parameters),
-                              block=any(c.block for c in request.capabilities))
+                              block=request.block)
             for _ in range(2):
                 try:  # the common case first: a new name, no read before the create
                     if request.source is None:
@@ -353,9 +350,6 @@ class RbdBackend(Backend):
 
     def unstage(self, local_id: str, staging_path: str) -> None:
         self.attacher.unstage(self._vol(local_id), staging_path)
-
-    def publish_source(self, local_id: str, staging_path: str, capability: Capability) -> str:
-        return devices.block_target(staging_path) if capability.block else staging_path
 
     def owns_mount(self, local_id: str, path: str) -> bool:
         return self.attacher.owns(self._vol(local_id), path)
