@@ -773,3 +773,26 @@ def test_server_stalls_during_small_file_copy(nfs_server: NfsServer, tmp_path: P
         assert tree(copy) == expected
     finally:
         driver.stop()
+
+
+def test_failed_image_stage_leaves_no_mountpoint(nfs_server: NfsServer, tmp_path: Path,
+                                                 name: str) -> None:
+    """The host has no NFS client, so an image volume's NodeStage fails at mounting the share:
+    the mountpoint it made under nodeStateDir must not stay behind (found by csi-sanity)."""
+    state = tmp_path / "state"
+    driver = start_nfs_driver(nfs_server, tmp_path, {"nfs": nfs_backend(
+        nfs_server, nodeStateDir=str(state))})
+    try:
+        vol = create(driver, name, mode=Mode.SINGLE_NODE_WRITER, volumeLayout="image")
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        code = status_of(lambda: driver.node.NodeStageVolume(pb.NodeStageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging),
+            volume_capability=mount_cap(Mode.SINGLE_NODE_WRITER),
+            volume_context=vol.volume_context), timeout=30))
+        assert code != grpc.StatusCode.OK
+        leftovers = [p for p in state.rglob("*") if p.is_dir() and not any(p.iterdir())
+                     and p.parent != state]
+        assert leftovers == [], leftovers
+    finally:
+        driver.stop()

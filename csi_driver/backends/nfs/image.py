@@ -49,11 +49,12 @@ class ImageAttacher:
     def stage(self, local_id: str, staging: str, cap: Capability, fs_type: str,
               mount_share: Callable[[str], None], read_only: bool) -> None:
         where = self.share_dir(local_id)
-        mounted = claimed = False
+        mounted = claimed = made = False
         device = ""
         attached_before = self.devices_of(local_id)
         try:
             if mounts.mount_at(where) is None:
+                made = not os.path.isdir(where)
                 os.makedirs(where, 0o700, exist_ok=True)
                 mount_share(where)
                 mounted = True
@@ -74,6 +75,9 @@ class ImageAttacher:
                 _remove_marker(where)
             if mounted:
                 mounts.unmount(where, wait=self.timeout)
+            if made or mounted:  # the mountpoint this call made (or filled) goes too
+                with contextlib.suppress(OSError):
+                    os.rmdir(where)
             raise
 
     def _claim(self, where: str) -> bool:
