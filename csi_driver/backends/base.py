@@ -46,6 +46,8 @@ class Features:
     expansion: Expansion = Expansion.NONE
     # get_volume/list_volumes fill Volume.condition; node_condition answers on the node.
     volume_condition: bool = False
+    # ControllerPublish/Unpublish attach volumes to nodes (attachments/attach/detach below).
+    attach: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,15 @@ class VolumeRequest:
     def block(self) -> bool:
         """Raw block, not mounted (the service refuses a request asking for both)."""
         return any(c.block for c in self.capabilities)
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A volume published to a node by ControllerPublishVolume."""
+
+    node_id: str
+    capability: Capability
+    readonly: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,3 +258,26 @@ class Backend(ABC):
     def get_group_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS
                            ) -> GroupSnapshot | None:
         raise self._unsupported("group snapshots")
+
+    # -- attach: the services call these only when `features.attach` --------------------
+    # The service decides who may attach (one node for a single-node mode, one writer for
+    # MULTI_NODE_SINGLE_WRITER, the same capability again is idempotent); the backend records.
+    def attachments(self, local_id: str, *, secrets: Secrets) -> list[Attachment]:
+        raise self._unsupported("attach step")
+
+    def attach(self, local_id: str, attachment: Attachment, *, secrets: Secrets
+               ) -> Mapping[str, str]:
+        """Record (and make) the attachment; the publish_context the node will be given."""
+        raise self._unsupported("attach step")
+
+    def detach(self, local_id: str, node_id: str, *, secrets: Secrets) -> None:
+        """Undo attach for `node_id` (every node when empty); nothing to undo is fine."""
+        raise self._unsupported("attach step")
+
+    def node_known(self, node_id: str) -> bool:
+        """Whether a node of this driver registered itself (register_node) here."""
+        raise self._unsupported("attach step")
+
+    def register_node(self, node_id: str) -> None:
+        """On the node (NodeGetInfo, which kubelet calls before any attach): say it exists."""
+        raise self._unsupported("attach step")

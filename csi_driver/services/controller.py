@@ -20,6 +20,7 @@ from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
 from ..driver import Driver
 from . import capabilities, convert, pagination
+from .controller_attach import AttachRPCs
 from .controller_snapshots import SnapshotRPCs
 
 _Cap = pb.ControllerServiceCapability.RPC.Type
@@ -77,7 +78,7 @@ def _source_pb(backend_name: str, source: Source) -> pb.VolumeContentSource:
     return pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=full))
 
 
-class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
+class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
 
@@ -313,6 +314,8 @@ class ControllerService(SnapshotRPCs, pb_grpc.ControllerServicer):
             (_Cap.GET_VOLUME, True),
             (_Cap.VOLUME_CONDITION, any(f.volume_condition for f in features)),
             (_Cap.MODIFY_VOLUME, any(f.mutable_parameters for f in features)),
+            (_Cap.PUBLISH_UNPUBLISH_VOLUME, any(f.attach for f in features)),
+            (_Cap.PUBLISH_READONLY, any(f.attach for f in features)),
         ):
             if present:
                 wanted.append(cap)

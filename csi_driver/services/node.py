@@ -317,6 +317,11 @@ class NodeService(pb_grpc.NodeServicer):
     def NodeGetInfo(self, request: pb.NodeGetInfoRequest, context: grpc.ServicerContext
                     ) -> pb.NodeGetInfoResponse:
         node = self.driver.node
+        # Kubelet asks this once it registers the plugin, before any ControllerPublish: the
+        # controller of a backend that attaches learns here that the node exists.
+        for backend in self.driver.backends.values():
+            if backend.features.attach:
+                backend.register_node(node.node_id)
         return pb.NodeGetInfoResponse(
             node_id=node.node_id,
             max_volumes_per_node=self.driver.settings.max_volumes_per_node,

@@ -796,3 +796,113 @@ def test_failed_image_stage_leaves_no_mountpoint(nfs_server: NfsServer, tmp_path
         assert leftovers == [], leftovers
     finally:
         driver.stop()
+
+
+def test_image_attach_rules(nfs_driver: Driver, nfs_server: NfsServer, name: str) -> None:
+    """ControllerPublish/Unpublish of an NFS image volume, as the spec and csi-sanity ask:
+    nodes must have registered (NodeGetInfo), one node at a time for single-node modes, the
+    same publish again is fine, another capability on the same node is ALREADY_EXISTS."""
+    caps = nfs_driver.controller.ControllerGetCapabilities(
+        pb.ControllerGetCapabilitiesRequest()).capabilities
+    advertised = {c.rpc.type for c in caps}
+    RPC = pb.ControllerServiceCapability.RPC
+    assert {RPC.PUBLISH_UNPUBLISH_VOLUME, RPC.PUBLISH_READONLY} <= advertised
+    here = nfs_driver.node.NodeGetInfo(pb.NodeGetInfoRequest()).node_id
+    nodes = nfs_server.export_dir / ".berth" / "nodes"
+    assert (nodes / f"{here}.json").exists()  # NodeGetInfo registered it
+    (nodes / "node-b.json").write_text("{}")  # a second node, as its NodeGetInfo would write
+    vol = create(nfs_driver, name, mode=Mode.SINGLE_NODE_WRITER, volumeLayout="image")
+    cap = mount_cap(Mode.SINGLE_NODE_WRITER)
+
+    def publish(node: str, c: pb.VolumeCapability = cap, readonly: bool = False,
+                volume_id: str = vol.volume_id) -> grpc.StatusCode:
+        return status_of(lambda: nfs_driver.controller.ControllerPublishVolume(
+            pb.ControllerPublishVolumeRequest(volume_id=volume_id, node_id=node,
+                                              volume_capability=c, readonly=readonly)))
+
+    def unpublish(node: str, volume_id: str = vol.volume_id) -> grpc.StatusCode:
+        return status_of(lambda: nfs_driver.controller.ControllerUnpublishVolume(
+            pb.ControllerUnpublishVolumeRequest(volume_id=volume_id, node_id=node)))
+
+    assert publish("") == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(lambda: nfs_driver.controller.ControllerPublishVolume(
+        pb.ControllerPublishVolumeRequest(volume_id=vol.volume_id, node_id=here))
+    ) == grpc.StatusCode.INVALID_ARGUMENT  # no capability
+    assert publish(here, volume_id="nfs:pvc-never-made") == grpc.StatusCode.NOT_FOUND
+    assert publish(here, volume_id="elsewhere:x") == grpc.StatusCode.NOT_FOUND
+    assert publish("some-fake-node-id") == grpc.StatusCode.NOT_FOUND
+    assert publish("../../etc") == grpc.StatusCode.NOT_FOUND
+    assert publish(here, pb.VolumeCapability(
+        block=pb.VolumeCapability.BlockVolume(), access_mode=cap.access_mode)
+    ) == grpc.StatusCode.INVALID_ARGUMENT  # a filesystem image published as block
+
+    assert publish(here) == grpc.StatusCode.OK
+    assert publish(here) == grpc.StatusCode.OK  # idempotent
+    assert publish(here, readonly=True) == grpc.StatusCode.ALREADY_EXISTS
+    assert publish("node-b") == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_of(lambda: nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(
+        volume_id=vol.volume_id))) == grpc.StatusCode.FAILED_PRECONDITION
+
+    assert unpublish("some-fake-node-id") == grpc.StatusCode.NOT_FOUND
+    assert unpublish(here, volume_id="nfs:pvc-never-made") == grpc.StatusCode.NOT_FOUND
+    assert unpublish("node-b") == grpc.StatusCode.OK  # not published there: nothing to do
+    assert publish("node-b") == grpc.StatusCode.FAILED_PRECONDITION
+    assert unpublish(here) == grpc.StatusCode.OK
+    assert unpublish(here) == grpc.StatusCode.OK  # idempotent
+    assert publish("node-b") == grpc.StatusCode.OK  # free again
+    assert unpublish("") == grpc.StatusCode.OK  # from every node
+    local = vol.volume_id.split(":", 1)[1]
+    assert not (nfs_server.export_dir / ".berth" / "attachments" / f"{local}.json").exists()
+
+    # Directory volumes are recorded too (csi-sanity publishes one twice with another
+    # read-only setting): shared by any number of nodes in a multi-node mode, one node in a
+    # single-node mode.
+    shared = create(nfs_driver, name + "-dir")
+    rwx = mount_cap(Mode.MULTI_NODE_MULTI_WRITER)
+    assert publish(here, rwx, volume_id=shared.volume_id) == grpc.StatusCode.OK
+    assert publish("node-b", rwx, volume_id=shared.volume_id) == grpc.StatusCode.OK
+    assert publish("node-b", rwx, readonly=True, volume_id=shared.volume_id
+                   ) == grpc.StatusCode.ALREADY_EXISTS
+    assert unpublish("", volume_id=shared.volume_id) == grpc.StatusCode.OK
+    assert publish(here, volume_id=shared.volume_id) == grpc.StatusCode.OK
+    assert publish("node-b", volume_id=shared.volume_id) == grpc.StatusCode.FAILED_PRECONDITION
+    assert unpublish(here, volume_id=shared.volume_id) == grpc.StatusCode.OK
+    for v in (vol, shared):
+        nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v.volume_id))
+    (nodes / "node-b.json").unlink()
+
+
+def test_mixed_config_with_attach(nfs_server: NfsServer, tmp_path: Path, name: str) -> None:
+    """hostPath beside NFS: attach is advertised (the CSIDriver is attachRequired for the
+    driver as a whole), and a hostPath volume's ControllerPublish/Unpublish answer at once with
+    an empty context, then stage and publish as ever."""
+    driver = start_nfs_driver(nfs_server, tmp_path, {
+        "nfs": nfs_backend(nfs_server),
+        "local": {"type": "hostpath", "path": str(tmp_path / "hp")}})
+    try:
+        node_id = driver.node.NodeGetInfo(pb.NodeGetInfoRequest()).node_id
+        vol = create(driver, name, backend="local", mode=Mode.SINGLE_NODE_WRITER)
+        cap = mount_cap(Mode.SINGLE_NODE_WRITER)
+        started = time.monotonic()
+        published = driver.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=node_id, volume_capability=cap))
+        assert dict(published.publish_context) == {}
+        assert time.monotonic() - started < 1
+        staging, target = tmp_path / "staging", tmp_path / "target"
+        staging.mkdir()
+        driver.node.NodeStageVolume(pb.NodeStageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging), volume_capability=cap,
+            publish_context=published.publish_context, volume_context=vol.volume_context))
+        driver.node.NodePublishVolume(pb.NodePublishVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging), target_path=str(target),
+            volume_capability=cap, publish_context=published.publish_context))
+        (target / "data").write_text("ok")
+        driver.node.NodeUnpublishVolume(pb.NodeUnpublishVolumeRequest(
+            volume_id=vol.volume_id, target_path=str(target)))
+        driver.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging)))
+        driver.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=node_id))
+        driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    finally:
+        assert driver.stop() == 0, driver.log()

@@ -5,6 +5,7 @@ server."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -51,7 +52,7 @@ class Published:
     def __init__(self, controller: Driver, node: pb_grpc.NodeStub, guest: Guest, name: str,
                  mode: int = Mode.MULTI_NODE_MULTI_WRITER, readonly: bool = False,
                  **params: str) -> None:
-        self.node, self.guest = node, guest
+        self.node, self.guest, self.controller = node, guest, controller
         self.volume = controller.controller.CreateVolume(pb.CreateVolumeRequest(
             name=name, capacity_range=pb.CapacityRange(required_bytes=10 * MiB),
             volume_capabilities=[mount_cap(mode)], parameters={"backend": "nfs", **params}),
@@ -62,8 +63,13 @@ class Published:
         self.stage()
 
     def stage(self) -> None:
-        """NodeStage and NodePublish, always with CreateVolume's volume context."""
+        """ControllerPublish to the guest (as the attacher would: the NFS backend attaches),
+        then NodeStage and NodePublish, always with CreateVolume's volume context."""
         node, guest = self.node, self.guest
+        self.node_id = node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=30).node_id
+        self.controller.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+            volume_id=self.volume.volume_id, node_id=self.node_id, volume_capability=self.cap,
+            readonly=self.readonly), timeout=30)
         assert guest.run(["mkdir", "-p", self.staging]).returncode == 0
         started = time.monotonic()
         node.NodeStageVolume(pb.NodeStageVolumeRequest(
@@ -91,6 +97,8 @@ class Published:
 
     def teardown(self, controller: Driver) -> None:
         self.teardown_node()
+        controller.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+            volume_id=self.volume.volume_id, node_id=self.node_id), timeout=30)
         controller.controller.DeleteVolume(pb.DeleteVolumeRequest(
             volume_id=self.volume.volume_id), timeout=30)
 
@@ -195,6 +203,8 @@ def test_server_gone_unpublish_does_not_hang(nfs_driver: Driver, nfs_server: Nfs
         assert f"/export/{name}" not in vol.sh("cat /proc/self/mountinfo")
     finally:
         nfs_server.start()
+    nfs_driver.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+        volume_id=vol.volume.volume_id, node_id=vol.node_id), timeout=30)
     nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume.volume_id))
 
 
@@ -251,19 +261,21 @@ def test_image_layout_enforces_size_and_survives_restore(
     assert full.returncode != 0 and "No space left" in full.stderr  # 10 MiB volume
     vol.sh(f"rm {vol.target}/fill && sync")
     before = vol.stats().usage[0].total
-    # Attached: held for this node, and not copied while mounted.
-    assert (nfs_server.export_dir / name / "attached").read_text() == "uml-node"
+    # Published to this node only: a second node (the host's node service, registered by its
+    # NodeGetInfo) is refused, and the image is not copied, nor deleted, while published.
+    local = vol.volume.volume_id.split(":", 1)[1]
+    attachments = nfs_server.export_dir / ".berth" / "attachments" / f"{local}.json"
+    assert list(json.loads(attachments.read_text())["nodes"]) == ["uml-node"]
+    host = nfs_driver.node.NodeGetInfo(pb.NodeGetInfoRequest()).node_id
+    assert status_of(lambda: nfs_driver.controller.ControllerPublishVolume(
+        pb.ControllerPublishVolumeRequest(volume_id=vol.volume.volume_id, node_id=host,
+                                          volume_capability=vol.cap))
+    ) == grpc.StatusCode.FAILED_PRECONDITION
     assert status_of(lambda: nfs_driver.controller.CreateSnapshot(pb.CreateSnapshotRequest(
         name=name + "-early", source_volume_id=vol.volume.volume_id))
     ) == grpc.StatusCode.FAILED_PRECONDITION
-    (nfs_server.export_dir / name / "attached").write_text("other-node")
-    other = f"/mnt/{name}/other"
-    assert guest.run(["mkdir", "-p", other]).returncode == 0
-    assert status_of(lambda: node.NodeStageVolume(pb.NodeStageVolumeRequest(
-        volume_id=vol.volume.volume_id, staging_target_path=other, volume_capability=vol.cap,
-        volume_context=vol.volume.volume_context), timeout=60)
-    ) == grpc.StatusCode.FAILED_PRECONDITION
-    (nfs_server.export_dir / name / "attached").write_text("uml-node")
+    assert status_of(lambda: nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(
+        volume_id=vol.volume.volume_id))) == grpc.StatusCode.FAILED_PRECONDITION
 
     nfs_driver.controller.ControllerExpandVolume(pb.ControllerExpandVolumeRequest(
         volume_id=vol.volume.volume_id, capacity_range=pb.CapacityRange(required_bytes=40 * MiB),
@@ -280,7 +292,9 @@ def test_image_layout_enforces_size_and_survives_restore(
     node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
         volume_id=vol.volume.volume_id, staging_target_path=vol.staging), timeout=60)
     assert "/dev/loop" not in guest.run(["losetup", "-a"]).stdout
-    assert not (nfs_server.export_dir / name / "attached").exists()
+    nfs_driver.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+        volume_id=vol.volume.volume_id, node_id=vol.node_id))
+    assert not attachments.exists()
     snap = nfs_driver.controller.CreateSnapshot(pb.CreateSnapshotRequest(
         name=name + "-snap", source_volume_id=vol.volume.volume_id), timeout=30).snapshot
     while not snap.ready_to_use:
@@ -296,12 +310,20 @@ def test_image_layout_enforces_size_and_survives_restore(
         timeout=60).volume
     staging = f"/mnt/{name}-restored/staging"
     assert guest.run(["mkdir", "-p", staging]).returncode == 0
-    node.NodeStageVolume(pb.NodeStageVolumeRequest(
+    stage = pb.NodeStageVolumeRequest(
         volume_id=restored.volume_id, staging_target_path=staging, volume_capability=vol.cap,
-        volume_context=restored.volume_context), timeout=60)
+        volume_context=restored.volume_context)
+    # Not published to this node yet (the attach step comes first): the node refuses it.
+    assert status_of(lambda: node.NodeStageVolume(stage, timeout=60)
+                     ) == grpc.StatusCode.FAILED_PRECONDITION
+    nfs_driver.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=restored.volume_id, node_id=vol.node_id, volume_capability=vol.cap))
+    node.NodeStageVolume(stage, timeout=60)
     assert vol.sh(f"cat {staging}/data") == "kept\n"
     node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
         volume_id=restored.volume_id, staging_target_path=staging), timeout=60)
+    nfs_driver.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+        volume_id=restored.volume_id, node_id=vol.node_id))
     for v in (restored.volume_id, vol.volume.volume_id):
         nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=v))
     nfs_driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
@@ -318,6 +340,9 @@ def test_image_layout_block_access(nfs_driver: Driver, node: pb_grpc.NodeStub, g
         timeout=30).volume
     staging, target = f"/mnt/{name}/staging", f"/mnt/{name}/dev"
     assert guest.run(["mkdir", "-p", staging]).returncode == 0
+    node_id = node.NodeGetInfo(pb.NodeGetInfoRequest()).node_id
+    nfs_driver.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+        volume_id=vol.volume_id, node_id=node_id, volume_capability=cap))
     node.NodeStageVolume(pb.NodeStageVolumeRequest(
         volume_id=vol.volume_id, staging_target_path=staging, volume_capability=cap,
         volume_context=vol.volume_context), timeout=60)
@@ -333,4 +358,6 @@ def test_image_layout_block_access(nfs_driver: Driver, node: pb_grpc.NodeStub, g
         volume_id=vol.volume_id, target_path=target), timeout=60)
     node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
         volume_id=vol.volume_id, staging_target_path=staging), timeout=60)
+    nfs_driver.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+        volume_id=vol.volume_id, node_id=node_id))
     nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))

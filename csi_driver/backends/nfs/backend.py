@@ -21,6 +21,7 @@ from ...node import bounded, mounts
 from ..base import (
     NO_SECRETS,
     AccessMode,
+    Attachment,
     Backend,
     BackendConfig,
     Capability,
@@ -59,6 +60,8 @@ class NfsBackend(Backend):
         clones=True,
         expansion=Expansion.ONLINE,
         volume_condition=True,
+        # Image volumes are attached (one node at a time, checked by the node too).
+        attach=True,
     )
 
     def __init__(self, name: str, config: BackendConfig, node: NodeInfo) -> None:
@@ -266,7 +269,7 @@ class NfsBackend(Backend):
             if rec is None:
                 raise errors.NotFound(f"source volume {self.name}:{source.local_id} does not exist")
             volumes.same_kind((rec.layout, rec.block), (layout, block))
-            volumes.not_attached(conn, rec)
+            volumes.not_attached(conn, source.local_id, rec)
             return f"/{rec.sub_dir}", rec.size
         snap = share.snapshot_record(conn, source.local_id)
         if snap is None:
@@ -332,6 +335,10 @@ class NfsBackend(Backend):
             rec = share.volume_record(conn, local_id)
             if rec is None:
                 return
+            nodes = sorted(share.attachments(conn, local_id))
+            if nodes:
+                raise errors.FailedPrecondition(
+                    f"volume {rec.name!r} is published to node {nodes[0]!r}; unpublish it first")
             path = f"/{rec.sub_dir}"
             if rec.on_delete == "delete":
                 share.to_trash(conn, path)
@@ -420,7 +427,7 @@ class NfsBackend(Backend):
             if rec is None:
                 if volume is None:
                     raise errors.NotFound(f"volume {self.name}:{source_volume} does not exist")
-                volumes.not_attached(conn, volume)
+                volumes.not_attached(conn, source_volume, volume)
                 rec = share.SnapshotRecord(name=name, source_volume=source_volume,
                                            size=volume.size, layout=volume.layout,
                                            block=volume.block)
@@ -472,6 +479,56 @@ class NfsBackend(Backend):
                                                 self._snapshot_ready(conn, local_id)))
         yield from found
 
+    # -- attach ------------------------------------------------------------------------------
+    # Recorded for every volume, so the services can hold a single-node directory volume to
+    # one node too and tell a publish with another capability apart; only an image's node
+    # checks it at NodeStage (a directory is an NFS mount any node may make).
+    def _record(self, conn: Connection, local_id: str) -> share.VolumeRecord:
+        rec = share.volume_record(conn, local_id)
+        if rec is None:
+            raise errors.NotFound(f"volume {self.name}:{local_id} does not exist")
+        return rec
+
+    def attachments(self, local_id: str, *, secrets: Secrets) -> list[Attachment]:
+        self._started()
+        with self._conn() as conn:
+            self._record(conn, local_id)
+            return [Attachment(node, Capability(
+                block=bool(a.get("block")), access_mode=AccessMode(int(a.get("mode", 1))),
+                fs_type=str(a.get("fsType", "")), mount_flags=tuple(a.get("flags", ()))),
+                bool(a.get("readonly"))) for node, a in share.attachments(conn, local_id).items()]
+
+    def attach(self, local_id: str, attachment: Attachment, *, secrets: Secrets
+               ) -> Mapping[str, str]:
+        self._started()
+        with self._conn() as conn:
+            self._record(conn, local_id)
+            nodes = share.attachments(conn, local_id)
+            cap = attachment.capability
+            nodes[attachment.node_id] = {
+                "mode": int(cap.access_mode), "block": cap.block, "fsType": cap.fs_type,
+                "flags": list(cap.mount_flags), "readonly": attachment.readonly}
+            share.save_attachments(conn, local_id, nodes)
+        return {}
+
+    def detach(self, local_id: str, node_id: str, *, secrets: Secrets) -> None:
+        self._started()
+        with self._conn() as conn:
+            self._record(conn, local_id)
+            nodes = share.attachments(conn, local_id)
+            kept = {n: a for n, a in nodes.items() if node_id and n != node_id}
+            if kept != nodes:
+                share.save_attachments(conn, local_id, kept)
+
+    def node_known(self, node_id: str) -> bool:
+        self._started()
+        with self._conn() as conn:
+            return share.node_registered(conn, node_id)
+
+    def register_node(self, node_id: str) -> None:
+        with self._conn() as conn:
+            share.register_node(conn, node_id)
+
     # -- node ----------------------------------------------------------------------------
     def stage(self, local_id: str, staging_path: str, capability: Capability,
               context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
@@ -517,6 +574,12 @@ class NfsBackend(Backend):
         try:
             with self._conn() as conn:
                 rec = share.volume_record(conn, local_id)
+                if (context.get("volumeLayout") == volumes.IMAGE
+                        and self.node.node_id not in share.attachments(conn, local_id)):
+                    raise errors.FailedPrecondition(
+                        f"the image volume is not published to node {self.node.node_id!r}: "
+                        "ControllerPublishVolume comes first (an image is used by one node at "
+                        "a time; the CSIDriver needs attachRequired: true)")
         except (ValueError, TypeError) as exc:  # not a record we can read: mount as made
             log.warning("backend %s: record of %s unreadable: %s", self.name, local_id, exc)
             return context

@@ -8,6 +8,8 @@
   .berth/snapshots/<id>.json  a snapshot's record, written when its copy starts
   .berth/snapshots/<id>/      the snapshot's copy, renamed into place only once complete
   .berth/snapshots/<id>.extents  where the data of its large files lies, written before it
+  .berth/attachments/<id>.json  the nodes an image volume is published to (ControllerPublish)
+  .berth/nodes/<node>.json    a node of this driver that registered (at NodeGetInfo)
   .berth/tmp/                 copies in progress
   .berth/trash/               deleted directories, purged in the background
 
@@ -33,8 +35,9 @@ from ... import errors
 from .libnfs import Connection, NfsError
 
 META = "/.berth"
-VOLUMES, SNAPSHOTS, CLAIMS, TMP, TRASH = (
-    f"{META}/{d}" for d in ("volumes", "snapshots", "claims", "tmp", "trash"))
+VOLUMES, SNAPSHOTS, CLAIMS, TMP, TRASH, ATTACHMENTS, NODES = (
+    f"{META}/{d}" for d in ("volumes", "snapshots", "claims", "tmp", "trash", "attachments",
+                            "nodes"))
 
 K8S = "csi.storage.k8s.io/"
 # A create retried by the provisioner refreshes its claim at least this often (its backoff tops
@@ -112,7 +115,7 @@ def render_sub_dir(template: str, parameters: dict[str, str], volume_name: str) 
 
 
 def prepare(conn: Connection) -> None:
-    for d in (VOLUMES, SNAPSHOTS, CLAIMS, TMP, TRASH):
+    for d in (VOLUMES, SNAPSHOTS, CLAIMS, TMP, TRASH, ATTACHMENTS, NODES):
         conn.makedirs(d, 0o700)
 
 
@@ -348,3 +351,27 @@ def load_data_map(conn: Connection, snapshot_dir: str) -> dict[str, list[tuple[i
         except (NfsError, KeyError, TypeError, ValueError):
             continue
     return out
+
+
+# -- attachments: an image volume's nodes ------------------------------------------------------
+def attachments(conn: Connection, local_id: str) -> dict[str, dict[str, Any]]:
+    """node id -> {"mode", "block", "fsType", "flags", "readonly"} of each publish."""
+    data = read_json(conn, f"{ATTACHMENTS}/{local_id}.json") or {}
+    nodes = data.get("nodes", {})
+    return nodes if isinstance(nodes, dict) else {}
+
+
+def save_attachments(conn: Connection, local_id: str, nodes: dict[str, dict[str, Any]]) -> None:
+    if nodes:
+        write_json(conn, f"{ATTACHMENTS}/{local_id}.json", {"nodes": nodes})
+    else:
+        remove(conn, f"{ATTACHMENTS}/{local_id}.json")
+
+
+def register_node(conn: Connection, node_id: str) -> None:
+    conn.makedirs(NODES, 0o700)
+    write_json(conn, f"{NODES}/{node_id}.json", {"registered": time.time()})
+
+
+def node_registered(conn: Connection, node_id: str) -> bool:
+    return conn.exists(f"{NODES}/{node_id}.json")

@@ -100,12 +100,17 @@ def make_directory(conn: Connection, path: str, settings: Mapping[str, str]) -> 
         conn.lchown(path, int(settings["uid"] or st.uid), int(settings["gid"] or st.gid))
     conn.chmod(path, parse_mode(settings["mountPermissions"]))
 
-def not_attached(conn: Connection, rec: share.VolumeRecord) -> None:
-    """An image a node has mounted cannot be copied whole: the copy would be torn."""
-    if rec.layout == IMAGE and conn.exists(f"/{rec.sub_dir}/{ATTACHED_FILE}"):
+def not_attached(conn: Connection, local_id: str, rec: share.VolumeRecord) -> None:
+    """An image a node may have mounted cannot be copied whole: the copy would be torn. The
+    marker is what nodes before the attach step wrote beside the image."""
+    if rec.layout != IMAGE:
+        return
+    nodes = sorted(share.attachments(conn, local_id))
+    if nodes or conn.exists(f"/{rec.sub_dir}/{ATTACHED_FILE}"):
+        where = f" to node {nodes[0]!r}" if nodes else ""
         raise errors.FailedPrecondition(
-            f"volume {rec.name!r} is an image attached to a node; a copy of a mounted "
-            "filesystem image would be torn: stop its workload (NodeUnstage) first")
+            f"volume {rec.name!r} is an image published{where}; a copy of a mounted "
+            "filesystem image would be torn: stop its workload (unpublish it) first")
 
 def same_kind(source: tuple[str, bool], wanted: tuple[str, bool]) -> None:
     """A copy keeps what the source is: a directory, a filesystem image, or raw block."""
