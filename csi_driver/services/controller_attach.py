@@ -99,11 +99,14 @@ class AttachRPCs:
         self._offered("ControllerUnpublishVolume")
         if not request.volume_id:
             raise errors.InvalidArgument("volume_id is required")
+        # A volume or node we cannot find has nothing attached that we could know of: the spec
+        # asks for OK then (csi-sanity's cleanup unpublishes volumes it has deleted).
+        found = self.driver.backend_for_id(request.volume_id)
+        if found is None or not found[1].features.attach:
+            return pb.ControllerUnpublishVolumeResponse()
+        parsed, backend = found
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            _, backend, volume = self._existing(request.volume_id, request.secrets)
-            if not backend.features.attach:
+            if backend.get_volume(parsed.local, request.secrets) is None:
                 return pb.ControllerUnpublishVolumeResponse()
-            if request.node_id:
-                self._node(backend, request.node_id)
-            backend.detach(volume.local_id, request.node_id, secrets=request.secrets)
+            backend.detach(parsed.local, request.node_id, secrets=request.secrets)
         return pb.ControllerUnpublishVolumeResponse()

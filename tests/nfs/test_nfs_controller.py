@@ -843,8 +843,12 @@ def test_image_attach_rules(nfs_driver: Driver, nfs_server: NfsServer, name: str
     assert status_of(lambda: nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(
         volume_id=vol.volume_id))) == grpc.StatusCode.FAILED_PRECONDITION
 
-    assert unpublish("some-fake-node-id") == grpc.StatusCode.NOT_FOUND
-    assert unpublish(here, volume_id="nfs:pvc-never-made") == grpc.StatusCode.NOT_FOUND
+    # Nothing can be attached to a node or of a volume we cannot find: OK, as the spec asks.
+    assert unpublish("some-fake-node-id") == grpc.StatusCode.OK
+    assert unpublish(here, volume_id="nfs:pvc-never-made") == grpc.StatusCode.OK
+    assert unpublish(here, volume_id="elsewhere:x") == grpc.StatusCode.OK
+    assert status_of(lambda: nfs_driver.controller.ControllerUnpublishVolume(
+        pb.ControllerUnpublishVolumeRequest(node_id=here))) == grpc.StatusCode.INVALID_ARGUMENT
     assert unpublish("node-b") == grpc.StatusCode.OK  # not published there: nothing to do
     assert publish("node-b") == grpc.StatusCode.FAILED_PRECONDITION
     assert unpublish(here) == grpc.StatusCode.OK
