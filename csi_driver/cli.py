@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, args.data_dir)
         endpoint = Endpoint.parse(args.endpoint)
-        driver = Driver.from_settings(settings, args.node_id, args.kubelet_dir)
+        driver = Driver.from_settings(settings, args.node_id, args.kubelet_dir,
+                                      controller=args.mode != "node")
         server = Server(driver, endpoint, args.mode, args.workers,
                         slow_ms=args.slow_rpc_seconds * 1000)
         server.run_until_signalled()

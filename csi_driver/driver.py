@@ -29,8 +29,9 @@ class Driver:
 
     @classmethod
     def from_settings(cls, settings: Settings, node_id: str,
-                      kubelet_dir: str = DEFAULT_KUBELET_DIR) -> Driver:
-        node = NodeInfo(node_id=node_id, driver_name=settings.driver_name)
+                      kubelet_dir: str = DEFAULT_KUBELET_DIR, controller: bool = True) -> Driver:
+        node = NodeInfo(node_id=node_id, driver_name=settings.driver_name,
+                        controller=controller)
         backends = {}
         for name, cfg in settings.backends.items():
             kind = backend_type(cfg.type)

@@ -137,6 +137,9 @@ class NodeInfo:
 
     node_id: str
     driver_name: str
+    # This process serves the Controller service (--mode all|controller): only then does a
+    # backend run controller-side background work (purges, sweeps of leftover copies).
+    controller: bool = True
 
     @property
     def topology_key(self) -> str:

@@ -38,8 +38,11 @@ def _refusal(wanted: Attachment, current: Sequence[Attachment]) -> errors.CsiErr
         return errors.FailedPrecondition(
             f"the volume is published to node {others[0].node_id!r} and its access mode allows "
             "one node at a time; unpublish it there first")
-    if AccessMode.MULTI_NODE_SINGLE_WRITER in modes and not wanted.readonly and any(
-            not a.readonly for a in others):
+    def writes(a: Attachment) -> bool:
+        return not (a.readonly or a.capability.read_only)
+
+    if AccessMode.MULTI_NODE_SINGLE_WRITER in modes and writes(wanted) and any(
+            writes(a) for a in others):
         return errors.FailedPrecondition(
             "the volume already has a writer on another node and its access mode allows one "
             "writer; publish it read-only")

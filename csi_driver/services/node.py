@@ -10,6 +10,8 @@ import errno
 import logging
 import os
 import stat
+import threading
+import time
 
 import grpc
 
@@ -72,6 +74,32 @@ class NodeService(pb_grpc.NodeServicer):
     def __init__(self, driver: Driver) -> None:
         self.driver = driver
         self.kubelet = paths.KubeletDir.of(driver.kubelet_dir)
+        self._registered: set[str] = set()  # backends this node has registered with
+        self._retrying: set[str] = set()
+        self._register_lock = threading.Lock()
+
+    def _register_later(self, backend: Backend) -> None:
+        """Keep trying to register this node with `backend`, in one thread per backend."""
+        with self._register_lock:
+            if backend.name in self._retrying:
+                return
+            self._retrying.add(backend.name)
+
+        def retry() -> None:
+            while backend.name not in self._registered:
+                time.sleep(_REGISTER_RETRY)
+                try:
+                    bounded.call(f"register:{backend.name}", backend.register_node,
+                                 self.driver.node.node_id, timeout=_REGISTER_WAIT)
+                except errors.CsiError:
+                    continue
+                self._registered.add(backend.name)
+                log.info("backend %s: node %s registered", backend.name,
+                         self.driver.node.node_id)
+            with self._register_lock:
+                self._retrying.discard(backend.name)
+
+        threading.Thread(target=retry, name=f"register {backend.name}", daemon=True).start()
 
     def _path(self, path: str, field: str, lookup: bool = False) -> str:
         _require(path, field)
@@ -318,15 +346,28 @@ class NodeService(pb_grpc.NodeServicer):
                     ) -> pb.NodeGetInfoResponse:
         node = self.driver.node
         # Kubelet asks this once it registers the plugin, before any ControllerPublish: the
-        # controller of a backend that attaches learns here that the node exists.
+        # controller of a backend that attaches learns here that the node exists. A backend
+        # that does not answer must not keep the node (and its other backends) unregistered:
+        # it is retried in the background.
         for backend in self.driver.backends.values():
-            if backend.features.attach:
-                backend.register_node(node.node_id)
+            if backend.features.attach and backend.name not in self._registered:
+                try:
+                    bounded.call(f"register:{backend.name}", backend.register_node,
+                                 node.node_id, timeout=_REGISTER_WAIT)
+                    self._registered.add(backend.name)
+                except errors.CsiError as exc:
+                    log.warning("backend %s: node %s not registered yet (%s); retrying in the "
+                                "background", backend.name, node.node_id, exc.message)
+                    self._register_later(backend)
         return pb.NodeGetInfoResponse(
             node_id=node.node_id,
             max_volumes_per_node=self.driver.settings.max_volumes_per_node,
             accessible_topology=pb.Topology(segments={node.topology_key: node.node_id}),
         )
+
+
+_REGISTER_WAIT = 5.0  # seconds NodeGetInfo waits for a backend's node registration
+_REGISTER_RETRY = 10.0
 
 
 def _staged_source(staging: str, cap: Capability) -> str:

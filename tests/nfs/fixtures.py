@@ -36,10 +36,11 @@ def nfs_backend(nfs: NfsServer, **extra: Any) -> dict[str, Any]:
 
 
 def start_nfs_driver(server: NfsServer, tmp: Path, backends: dict[str, Any] | None = None,
-                     env: dict[str, str] | None = None) -> Driver:
-    """A driver (controller and node) running inside the server's network namespace."""
+                     *args: str, env: dict[str, str] | None = None) -> Driver:
+    """A driver (controller and node, unless `args` say otherwise) running inside the
+    server's network namespace."""
     config = write_config(tmp / "config.yaml", backends or {"nfs": nfs_backend(server)})
-    return start_driver(tmp, config, prefix=server.in_netns([]), env=env)
+    return start_driver(tmp, config, *args, prefix=server.in_netns([]), env=env)
 
 
 @pytest.fixture(scope="session")

@@ -836,6 +836,13 @@ def test_image_attach_rules(nfs_driver: Driver, nfs_server: NfsServer, name: str
         block=pb.VolumeCapability.BlockVolume(), access_mode=cap.access_mode)
     ) == grpc.StatusCode.INVALID_ARGUMENT  # a filesystem image published as block
 
+    # A node that staged it still has its marker there (a force-detached node, or one from
+    # before the attach step): nobody else may attach it.
+    image_dir = nfs_server.export_dir / name
+    (image_dir / "attached").write_text("old-node")
+    assert publish(here) == grpc.StatusCode.FAILED_PRECONDITION
+    (image_dir / "attached").unlink()
+
     assert publish(here) == grpc.StatusCode.OK
     assert publish(here) == grpc.StatusCode.OK  # idempotent
     assert publish(here, readonly=True) == grpc.StatusCode.ALREADY_EXISTS
@@ -910,3 +917,120 @@ def test_mixed_config_with_attach(nfs_server: NfsServer, tmp_path: Path, name: s
         driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
     finally:
         assert driver.stop() == 0, driver.log()
+
+
+def test_copy_of_a_live_volume(nfs_server: NfsServer, name: str) -> None:
+    """What a pod does to its volume while the copy runs, between the walk and the file copies:
+    files deleted (left out, not a failed copy: a busy volume's temporary files would otherwise
+    fail every attempt), a directory deleted, a file shrunk (copied at its new length, not
+    padded with zeros), and a copy file already there (a CREATE libnfs resent after a
+    reconnect, which the server had done: the file is ours)."""
+    export = nfs_server.export_dir
+    source = export / name
+    (source / "gone-dir").mkdir(parents=True)
+    (source / "gone-dir" / "f").write_bytes(b"x" * 100)
+    for i in range(40):
+        (source / f"small-{i}").write_bytes(os.urandom(1000 + i))
+    (source / "big-gone").write_bytes(os.urandom(3 << 20))  # over the pipelines' limit
+    (source / "shrinks").write_bytes(b"abcdefghij" + bytes(100_000))
+    (source / "big-shrinks").write_bytes(os.urandom(3 << 20))
+    probe = (
+        "import os, sys\n"
+        "from csi_driver.backends.nfs import tree\n"
+        "from csi_driver.backends.nfs.libnfs import Connection\n"
+        "addr, src, dst, where, copy = sys.argv[1:6]\n"
+        "walked = tree._parallel\n"
+        "def live(*args, **kwargs):\n"
+        "    for i in range(0, 40, 3):\n"
+        "        os.unlink(f'{where}/small-{i}')\n"
+        "    os.unlink(f'{where}/big-gone')\n"
+        "    os.unlink(f'{where}/gone-dir/f')\n"
+        "    os.truncate(f'{where}/shrinks', 10)\n"
+        "    os.truncate(f'{where}/big-shrinks', 1 << 20 | 5)\n"
+        "    open(f'{copy}/small-1', 'wb').write(b'left by a first CREATE')\n"
+        "    return walked(*args, **kwargs)\n"
+        "tree._parallel = live\n"
+        "def connect(d):\n"
+        "    return Connection(addr, '/export' + ('' if d == '/' else d), 3, 10)\n"
+        "tree.copy_tree(connect, src, dst)\n")
+    done = subprocess.run(nfs_server.in_netns(
+        [sys.executable, "-c", probe, nfs_server.address, f"/{name}", f"/{name}-copy",
+         str(source), str(export / f"{name}-copy")]), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    copy = export / f"{name}-copy"
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in source.iterdir())
+    for p in source.iterdir():
+        if p.is_file():
+            assert (copy / p.name).read_bytes() == p.read_bytes(), p.name
+    assert (copy / "shrinks").stat().st_size == 10
+    assert (copy / "big-shrinks").stat().st_size == 1 << 20 | 5
+    assert list((copy / "gone-dir").iterdir()) == []
+
+
+def test_no_publish_while_a_copy_runs_and_node_plugins_leave_copies_alone(
+        nfs_server: NfsServer, tmp_path: Path, name: str) -> None:
+    """An image is not published while a snapshot of it is being copied (the copy would be
+    torn); a retried CreateSnapshot after a publish is refused; and a node plugin starting
+    meanwhile (a DaemonSet pod) leaves the controller's copy in .berth/tmp alone."""
+    (tmp_path / "c").mkdir()
+    driver = start_nfs_driver(nfs_server, tmp_path / "c", {"nfs": nfs_backend(
+        nfs_server, copyWaitSeconds=1)})
+    try:
+        here = driver.node.NodeGetInfo(pb.NodeGetInfoRequest()).node_id
+        vol = create(driver, name, size=10 << 30, mode=Mode.SINGLE_NODE_WRITER,
+                     volumeLayout="image")
+        image = nfs_server.export_dir / name / "disk.img"
+        with open(image, "r+b") as f:  # data spread through 10 GiB: seconds to read it all
+            for i in range(64):
+                f.seek(i * (160 << 20))
+                f.write(os.urandom(1 << 20))
+        request = pb.CreateSnapshotRequest(name=name + "-snap", source_volume_id=vol.volume_id)
+        assert not driver.controller.CreateSnapshot(request, timeout=30).snapshot.ready_to_use
+        cap = mount_cap(Mode.SINGLE_NODE_WRITER)
+        publish = pb.ControllerPublishVolumeRequest(volume_id=vol.volume_id, node_id=here,
+                                                    volume_capability=cap)
+        assert status_of(lambda: driver.controller.ControllerPublishVolume(publish)
+                         ) == grpc.StatusCode.ABORTED
+        (tmp_path / "n").mkdir()
+        node = start_nfs_driver(nfs_server, tmp_path / "n", None, "--mode", "node",
+                                "--node-id", "plugin-2")
+        try:
+            node.node.NodeGetInfo(pb.NodeGetInfoRequest())
+        finally:
+            node.stop()
+        snap = snapshot_ready(driver, name + "-snap", vol.volume_id, timeout=120)
+        copy = nfs_server.export_dir / ".berth" / "snapshots" / snap.snapshot_id.split(":")[1]
+        assert subprocess.run(["cmp", str(image), str(copy / "disk.img")]).returncode == 0
+        driver.controller.ControllerPublishVolume(publish)  # the copy is done: fine now
+        driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+        # A copy starting again (its snapshot was deleted and is retried) checks afresh.
+        assert status_of(lambda: driver.controller.CreateSnapshot(request, timeout=30)
+                         ) == grpc.StatusCode.FAILED_PRECONDITION
+        driver.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=here))
+        driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    finally:
+        assert driver.stop() == 0, driver.log()
+
+
+def test_node_get_info_answers_with_the_server_down(nfs_server: NfsServer, tmp_path: Path,
+                                                    name: str) -> None:
+    """A node whose NFS server does not answer still registers with kubelet (its other
+    backends stay usable); it registers with the NFS backend once the server is back."""
+    nodes = nfs_server.export_dir / ".berth" / "nodes"
+    driver = start_nfs_driver(nfs_server, tmp_path, {"nfs": nfs_backend(
+        nfs_server, timeoutSeconds=2)}, "--mode", "node", "--node-id", "late-node")
+    try:
+        assert nfs_server.ganesha is not None
+        os.kill(nfs_server.ganesha.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            info = driver.node.NodeGetInfo(pb.NodeGetInfoRequest(), timeout=30)
+            assert info.node_id == "late-node"
+            assert time.monotonic() - started < 8
+        finally:
+            os.kill(nfs_server.ganesha.pid, signal.SIGCONT)
+        wait_for(lambda: (nodes / "late-node.json").exists(), timeout=60)
+    finally:
+        driver.stop()
+        (nodes / "late-node.json").unlink(missing_ok=True)

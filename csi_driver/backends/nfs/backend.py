@@ -98,11 +98,14 @@ class NfsBackend(Backend):
                 with self._start_lock:
                     if not self._ready:
                         share.prepare(conn)
-                        # No copy runs yet: whatever a killed one left in tmp is garbage.
-                        for name, _ in conn.listdir(share.TMP):
-                            share.to_trash(conn, f"{share.TMP}/{name}")
-                        threading.Thread(target=self._purger, name=f"purge {self.name}",
-                                         daemon=True).start()
+                        # Copies run in the controller only (one, by leader election): at its
+                        # start whatever a killed one left in tmp is garbage. A node plugin
+                        # starting must leave tmp, and the trash, to the controller.
+                        if self.node.controller:
+                            for name, _ in conn.listdir(share.TMP):
+                                share.to_trash(conn, f"{share.TMP}/{name}")
+                            threading.Thread(target=self._purger, name=f"purge {self.name}",
+                                             daemon=True).start()
                         self._ready = True
             conn.stat(share.META)
 
@@ -235,9 +238,12 @@ class NfsBackend(Backend):
             elif not source_path:
                 volumes.make_directory(conn, path, settings)
         if source_path:
+            # A clone's source volume is held (no publish) while the copy runs.
+            held = request.source.local_id if request.source and \
+                request.source.kind == "volume" else ""
             self._wait_copy(f"vol-{local_id}", source_path, path, layout == volumes.IMAGE,
                             f"copying {request.source.kind if request.source else ''} into "
-                            f"volume {request.name!r}")
+                            f"volume {request.name!r}", held)
         if layout == volumes.IMAGE:
             with self._conn() as conn:
                 volumes.grow_image(conn, f"{path}/{IMAGE_FILE}", size, create=True)
@@ -281,10 +287,11 @@ class NfsBackend(Backend):
                 "the restore will go ahead once it is")
         return f"{share.SNAPSHOTS}/{source.local_id}", snap.size
 
-    def _wait_copy(self, key: str, src: str, dst: str, image: bool, what: str) -> bool:
+    def _wait_copy(self, key: str, src: str, dst: str, image: bool, what: str,
+                   source: str = "") -> bool:
         """Run (or join) the copy `src` -> `dst` and wait up to copyWaitSeconds; ABORTED while it
         runs on, so the caller's retry picks it up."""
-        job = self.jobs.start(key, lambda job: self._copy(job, src, dst, image))
+        job = self.jobs.start(key, lambda job: self._copy(job, src, dst, image), source)
         if not job.done.wait(self.config.copyWaitSeconds):
             raise errors.Aborted(
                 f"{what}: still copying ({job.progress.files} files, "
@@ -434,14 +441,17 @@ class NfsBackend(Backend):
                 share.save_snapshot(conn, local_id, rec)
             if self._snapshot_ready(conn, local_id):
                 return self._snapshot(local_id, rec, True)
+            key = f"snap-{local_id}"
+            if volume is not None and self.jobs.get(key) is None:
+                # A copy (re)starting: the volume may have been published since the first try.
+                volumes.not_attached(conn, source_volume, volume)
         if volume is None:
             raise errors.FailedPrecondition(
                 f"the copy of snapshot {name!r} did not finish and its volume is gone; "
                 "delete the snapshot")
-        key = f"snap-{local_id}"
         image = volume.layout == volumes.IMAGE
         job = self.jobs.start(key, lambda job: self._copy(
-            job, f"/{volume.sub_dir}", f"{share.SNAPSHOTS}/{local_id}", image))
+            job, f"/{volume.sub_dir}", f"{share.SNAPSHOTS}/{local_id}", image), source_volume)
         if job.done.wait(min(self.config.copyWaitSeconds, 1)):
             self.jobs.forget(key)
             self._raise_failure(job)
@@ -502,7 +512,17 @@ class NfsBackend(Backend):
                ) -> Mapping[str, str]:
         self._started()
         with self._conn() as conn:
-            self._record(conn, local_id)
+            rec = self._record(conn, local_id)
+            if self.jobs.copying_from(local_id):
+                raise errors.Aborted(
+                    f"volume {rec.name!r} is being copied (a snapshot or clone of it); it can be "
+                    "published once the copy is done, which a retry will find")
+            if rec.layout == volumes.IMAGE:
+                holder = share.read_text(conn, f"/{rec.sub_dir}/{ATTACHED_FILE}")
+                if holder and holder != attachment.node_id:
+                    raise errors.FailedPrecondition(
+                        f"the image volume is still staged on node {holder!r} (its marker "
+                        f"{ATTACHED_FILE} is there); unstage it there first")
             nodes = share.attachments(conn, local_id)
             cap = attachment.capability
             nodes[attachment.node_id] = {

@@ -72,8 +72,10 @@ class NfsConfig(BackendConfig):
     onDelete: Literal["delete", "retain", "archive"] = "delete"
     # Mode of a new volume's directory (as csi-driver-nfs's mountPermissions).
     mountPermissions: str = field(default="0777", metadata={"convert": _mode})
-    # The controller's own protocol (libnfs): v3 can set owners and modes of directories.
-    controllerVersion: Literal[3, 4] = 3
+    # The controller's own protocol (libnfs). Only 3: libnfs 4.0's NFSv4 cannot chmod a
+    # directory (EISDIR) nor keep one client id across several connections (CLID_INUSE), and
+    # the copy pipelines send NFSv3 SETATTRs.
+    controllerVersion: Literal[3] = 3
     # Bound on every controller call to the server and on node mounts/unmounts.
     timeoutSeconds: int = field(default=10, metadata={"convert": _positive})
     # How long CreateVolume/CreateSnapshot wait for a copy before answering "in progress".

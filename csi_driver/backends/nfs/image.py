@@ -19,9 +19,9 @@ from ...node import bounded, devices, filesystems, loop, mounts
 from ..base import Capability, Condition
 
 IMAGE_FILE = "disk.img"
-# What nodes wrote beside the image while they had it, before the attach step (ControllerPublish,
-# recorded in .berth/attachments) kept an image to one node: still honoured by copies, and
-# removed at unstage.
+# Beside the image while a node has it staged, naming the node: the node's own fence behind the
+# attach step (.berth/attachments), since a node force-detached by the CO may still have the
+# image mounted. Copies and ControllerPublish to another node honour it too.
 ATTACHED_FILE = "attached"
 
 
@@ -49,7 +49,7 @@ class ImageAttacher:
     def stage(self, local_id: str, staging: str, cap: Capability, fs_type: str,
               mount_share: Callable[[str], None], read_only: bool) -> None:
         where = self.share_dir(local_id)
-        mounted = made = False
+        mounted = claimed = made = False
         device = ""
         attached_before = self.devices_of(local_id)
         try:
@@ -61,6 +61,7 @@ class ImageAttacher:
             if not os.path.exists(self.image(local_id)):
                 raise errors.FailedPrecondition(
                     f"{IMAGE_FILE} is missing from the volume's directory on the server")
+            claimed = self._claim(where)
             device = loop.attach(self.image(local_id))
             if cap.block:
                 devices.stage_block(device, staging, read_only)
@@ -70,12 +71,35 @@ class ImageAttacher:
             # Undo only what this call did: the volume may be staged elsewhere on this node.
             if device and device not in attached_before:
                 loop.detach(device)
+            if claimed:
+                _remove_marker(where)
             if mounted:
                 mounts.unmount(where, wait=self.timeout)
             if made or mounted:  # the mountpoint this call made (or filled) goes too
                 with contextlib.suppress(OSError):
                     os.rmdir(where)
             raise
+
+    def _claim(self, where: str) -> bool:
+        """Hold the image for this node with the marker beside it (a second fence behind the
+        attach step: a force-detached node may still have it mounted); True when this call made
+        the marker."""
+        marker = os.path.join(where, ATTACHED_FILE)
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            with open(marker) as f:
+                holder = f.read().strip()
+            if holder != self.node_id:
+                raise errors.FailedPrecondition(
+                    f"the image volume is still staged on node {holder!r}; it can be used by one "
+                    f"node at a time (if that node is gone for good and its kernel with it, "
+                    f"remove {ATTACHED_FILE} from the volume's directory on the server)"
+                ) from None
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(self.node_id)
+        return True
 
     def unstage(self, local_id: str, staging: str) -> None:
         # Never lazily: a filesystem detached with data unwritten would write it into the image
@@ -87,7 +111,8 @@ class ImageAttacher:
             raise errors.Unavailable("the volume's loop device is still in use; retry")
         where = self.share_dir(local_id)
         if mounts.mount_at(where) is not None:
-            # A marker an older version left; bounded: the server may be gone.
+            # Bounded: the server may be gone, and then the marker stays (this node may
+            # stage again; another node is told whose it is).
             with contextlib.suppress(errors.Unavailable):
                 bounded.call(f"release:{where}", _remove_marker, where, timeout=self.timeout)
         mounts.unmount(where, wait=self.timeout)

@@ -20,6 +20,7 @@ from .tree import Progress
 class Job:
     key: str
     progress: Progress
+    source: str = ""  # the volume (local id) being copied, if a volume is the source
     done: threading.Event = field(default_factory=threading.Event)
     cancel: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -34,13 +35,13 @@ class Jobs:
         with self._lock:
             return self._jobs.get(key)
 
-    def start(self, key: str, work: Callable[[Job], None]) -> Job:
-        """The running job for `key`, or a new one running `work`."""
+    def start(self, key: str, work: Callable[[Job], None], source: str = "") -> Job:
+        """The running job for `key`, or a new one running `work` (copying volume `source`)."""
         with self._lock:
             job = self._jobs.get(key)
             if job is not None:
                 return job
-            job = Job(key, Progress())
+            job = Job(key, Progress(), source)
             job.progress.cancelled = job.cancel.is_set
             self._jobs[key] = job
 
@@ -55,6 +56,11 @@ class Jobs:
         threading.Thread(target=requestid.in_context(run), name=f"copy {key}",
                          daemon=True).start()
         return job
+
+    def copying_from(self, source: str) -> bool:
+        """Whether a copy of volume `source` is still running (publishing it would tear it)."""
+        with self._lock:
+            return any(j.source == source and not j.done.is_set() for j in self._jobs.values())
 
     def forget(self, key: str) -> None:
         with self._lock:

@@ -18,6 +18,7 @@ run the event loop, and our callbacks with it.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import os
 import select
@@ -54,6 +55,7 @@ class _File:
     data: bytes | None = None
     writes: int = 0  # pwrites in flight
     tail: bool = False  # the last byte was written: no truncate
+    vanished: bool = False  # gone from the source since the walk: dropped from the copy
     keep: list[Any] = field(default_factory=list)  # buffers libnfs reads until its callback
 
 
@@ -65,10 +67,14 @@ class Pipeline:
         """`tally(files, bytes)` counts progress; `cancelled()` stops it between files."""
         self.src, self.dst, self.depth = src, dst, depth
         self.tally, self.cancelled = tally, cancelled
-        self.calls: dict[int, tuple[_File, Callable[[_File, int, int], None]]] = {}
+        self.calls: dict[int, tuple[_File, Callable[[_File, int, int], None],
+                                    Callable[[_File, int], bool] | None]] = {}
         self.next_id = 1
         self.failure: BaseException | None = None
         self.in_flight = 0
+        # Files that vanished from the source after the walk (a live volume's temporary
+        # files): their empty copies, for the caller to unlink once the pipeline has stopped.
+        self.vanished: list[str] = []
         # One C callback for every call; private_data says which call answered.
         self._cb = Callback(self._answer)
         self._rpc_cb = RpcCallback(self._rpc_answer)
@@ -103,19 +109,24 @@ class Pipeline:
 
     # -- plumbing ------------------------------------------------------------------------
     def _call(self, f: _File, then: Callable[[_File, int, int], None], what: str,
-              issue: Callable[[int], int]) -> None:
+              issue: Callable[[int], int],
+              on_error: Callable[[_File, int], bool] | None = None) -> None:
+        """Send a call; `then` takes its answer, `on_error(file, errno)` may take a failure
+        (True: handled)."""
         key = self.next_id
         self.next_id += 1
-        self.calls[key] = (f, then)
+        self.calls[key] = (f, then, on_error)
         if issue(key) != 0:
             del self.calls[key]
             self._fail(f, NfsError(5, f"{what} {os.fsdecode(f.rel)}: could not be sent"))
 
     def _answer(self, err: int, _nfs: int | None, data: int | None, key: int | None) -> None:
-        f, then = self.calls.pop(key or 0)
+        f, then, on_error = self.calls.pop(key or 0)
         if not f.rel:
             return  # the file failed already: the rest of its answers change nothing
         try:
+            if err < 0 and on_error is not None and on_error(f, -err):
+                return
             if err < 0:
                 msg = ctypes.string_at(data).decode(errors="replace") if data else ""
                 raise NfsError(-err, f"{os.fsdecode(f.rel)}: {msg or os.strerror(-err)}")
@@ -138,9 +149,37 @@ class Pipeline:
         assert lib is not None
         sc, dc = self.src.ctx, self.dst.ctx
         self._call(f, self._opened, "open", lambda k: lib.nfs_open2_async(
-            sc, f.rel, os.O_RDONLY | os.O_NOFOLLOW, 0, self._cb, k))
+            sc, f.rel, os.O_RDONLY | os.O_NOFOLLOW, 0, self._cb, k), self._open_failed)
         self._call(f, self._created, "create", lambda k: lib.nfs_create_async(
-            dc, f.rel, os.O_WRONLY | os.O_EXCL, 0o600, self._cb, k))
+            dc, f.rel, os.O_WRONLY | os.O_EXCL, 0o600, self._cb, k), self._create_failed)
+
+    def _open_failed(self, f: _File, err: int) -> bool:
+        if err != errno.ENOENT:
+            return False
+        f.vanished = True  # deleted since the walk: tar and cp skip it too
+        if f.fout:
+            self._drop(f)
+        return True
+
+    def _create_failed(self, f: _File, err: int) -> bool:
+        """EEXIST: libnfs resent our exclusive CREATE after a reconnect and the server had
+        done the first one. Nobody else writes in a copy in progress: the file is ours."""
+        if err != errno.EEXIST:
+            return False
+        assert lib is not None
+        self._call(f, self._created, "reopen", lambda k: lib.nfs_open2_async(
+            self.dst.ctx, f.rel, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW, 0, self._cb, k))
+        return True
+
+    def _drop(self, f: _File) -> None:
+        assert lib is not None
+        fh, f.fout = f.fout, 0
+        self._call(f, self._dropped, "close", lambda k: lib.nfs_close_async(
+            self.dst.ctx, fh, self._cb, k))
+
+    def _dropped(self, f: _File, _n: int, _data: int) -> None:
+        self.vanished.append(os.fsdecode(f.rel))
+        self._finish(f)
 
     def _opened(self, f: _File, _n: int, fh: int) -> None:
         f.fin = fh
@@ -161,7 +200,9 @@ class Pipeline:
             if len(f.keep[0]) < f.st.size:  # a server whose reads are shorter than the file
                 self._read_more(f)
                 return
-        f.data = f.keep.pop()  # n == 0 before the end: the file shrank, copy what there is
+        f.data = f.keep.pop()
+        if len(f.data) < f.st.size:  # n == 0 before the end: it shrank; copy what there is
+            f.st = dataclasses.replace(f.st, size=len(f.data))
         # A read-only handle closes without a round trip.
         lib.nfs_close(self.src.ctx, f.fin)
         f.fin = 0
@@ -169,6 +210,9 @@ class Pipeline:
 
     def _created(self, f: _File, _n: int, fh: int) -> None:
         f.fout = fh
+        if f.vanished:
+            self._drop(f)
+            return
         self._write(f)
 
     def _write(self, f: _File) -> None:

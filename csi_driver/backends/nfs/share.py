@@ -129,6 +129,16 @@ def read_json(conn: Connection, path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def read_text(conn: Connection, path: str) -> str:
+    """A small file's text, stripped; "" when it is not there."""
+    try:
+        return conn.read_file(path).decode(errors="replace").strip()
+    except NfsError as exc:
+        if exc.errno == errno.ENOENT:
+            return ""
+        raise
+
+
 def write_json(conn: Connection, path: str, data: dict[str, Any]) -> None:
     """Write atomically: a reader sees the old record or the new one, never half of one."""
     tmp = f"{TMP}/{uuid.uuid4().hex}.json"

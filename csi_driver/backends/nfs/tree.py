@@ -92,12 +92,20 @@ def copy_tree(connect: Callable[[str], Connection], src: str, dst: str,
 
         def walk(rel: str, st: Stat) -> None:
             s = f"{src}/{rel}" if rel else src
-            walker.mkdir(f"{dst}/{rel}" if rel else dst, 0o700)
+            d = f"{dst}/{rel}" if rel else dst
+            walker.mkdir(d, 0o700)
             dirs.append((rel, st))
-            entries = walker.scandir(s)
-            # libnfs follows symlinks in a path: a directory that a pod swapped for a symlink
-            # while we listed it would pull another volume's names into this copy.
-            again = walker.lstat(s)
+            try:
+                entries = walker.scandir(s)
+                # libnfs follows symlinks in a path: a directory that a pod swapped for a
+                # symlink while we listed it would pull another volume's names into this copy.
+                again = walker.lstat(s)
+            except NfsError as exc:
+                if exc.errno != errno.ENOENT or not rel:
+                    raise
+                dirs.pop()  # removed since its parent was listed: left out, like a file
+                walker.rmdir(d)
+                return
             if not stat.S_ISDIR(again.mode) or again.ino != st.ino:
                 raise NfsError(errno.ELOOP, f"{s} changed while it was copied; retry")
             for name, est in entries:
@@ -183,7 +191,12 @@ def _parallel(connect: Callable[[], tuple[Connection, Connection]], files: list[
         try:
             sc, dc = connect()
             with sc, dc:
-                Pipeline(sc, dc, _DEPTH, tally, progress.cancelled).run(next_small())
+                pipeline = Pipeline(sc, dc, _DEPTH, tally, progress.cancelled)
+                try:
+                    pipeline.run(next_small())
+                finally:
+                    for rel in pipeline.vanished:  # their empty copies
+                        _ignore_missing(dc.unlink, rel)
                 buf = ctypes.create_string_buffer(min(sc.readmax, dc.readmax))
                 while not failure:
                     with lock:
@@ -212,14 +225,30 @@ def _parallel(connect: Callable[[], tuple[Connection, Connection]], files: list[
 
 def _copy_one(sc: Connection, dc: Connection, rel: str, st: Stat,
               buf: ctypes.Array[ctypes.c_char], progress: Progress) -> None:
+    """One file or link; one that vanished from the source since the walk is left out."""
+    try:
+        if stat.S_ISLNK(st.mode):
+            target = sc.readlink(rel)
+        else:
+            fin_check = sc.lstat(rel)  # gone? then nothing of it is made
+            if not stat.S_ISREG(fin_check.mode):
+                raise NfsError(errno.ELOOP, f"{rel} changed while it was copied; retry")
+    except NfsError as exc:
+        if exc.errno == errno.ENOENT:
+            return
+        raise
     if stat.S_ISLNK(st.mode):
-        dc.symlink(sc.readlink(rel), rel)
+        dc.symlink(target, rel)
         dc.lchown(rel, st.uid, st.gid)
     else:
-        with dc.open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600) as fout:
-            # Zero pieces at the end were not written, and the file may have shrunk.
-            if not _fill(sc, dc, rel, fout, st, 0, st.size, buf, progress):
-                dc.ftruncate(fout, st.size)
+        # No O_EXCL: libnfs resends a CREATE after a reconnect, and in a copy in progress
+        # nobody else makes files.
+        with dc.open(rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600) as fout:
+            # Zero pieces at the end were not written, and the file may have shrunk: its copy
+            # is as long as what was read.
+            tail, length = _fill(sc, dc, rel, fout, st, 0, st.size, buf, progress)
+            if not tail:
+                dc.ftruncate(fout, length)
             _own(dc, fout, st)
     dc.lutimes(rel, st.atime_ns, st.mtime_ns)  # last: the close's COMMIT may touch them
     progress.files += 1
@@ -232,9 +261,10 @@ def _own(conn: Connection, fout: int, st: Stat) -> None:
 
 def _fill(sc: Connection, dc: Connection, rel: str, fout: int, st: Stat, start: int, end: int,
           buf: ctypes.Array[ctypes.c_char], progress: Progress,
-          written: Extents | None = None) -> bool:
-    """Bytes start..end of `rel` into `fout`, noting each piece written in `written`; True
-    when the copy is already `end` long (the last piece was written): no truncate needed."""
+          written: Extents | None = None) -> tuple[bool, int]:
+    """Bytes start..end of `rel` into `fout`, noting each piece written in `written`. Returns
+    whether the last piece read was written (then the copy is long enough: no truncate), and
+    where reading stopped (`end`, or sooner for a file that shrank)."""
     tail = end == 0
     # `sc` is mounted at the source volume, and libnfs resolves every path (symlinks a pod
     # swapped in included) within its mount: whatever `rel` leads to now is the volume's own.
@@ -259,7 +289,7 @@ def _fill(sc: Connection, dc: Connection, rel: str, fout: int, st: Stat, start: 
                             written.append((offset + at, offset + at + len(piece)))
             offset += n
             progress.bytes += n
-    return tail
+    return tail and offset == end, offset
 
 
 def remove_tree(conn: Connection, path: str) -> None:
