@@ -600,3 +600,53 @@ def test_default_features_have_an_object_map(rbd: Driver) -> None:
     finally:
         delete(rbd, full.volume_id)
         delete(rbd, plain.volume_id)
+
+
+def test_attach_holds_a_single_node_image_to_one_node(rbd: Driver,
+                                                      ceph_cluster: CephCluster) -> None:
+    """ControllerPublish for RBD: the node is recorded in the image's metadata, a second node
+    of a single-node volume is refused (ceph-csi lets both map it), nodes register as objects
+    in the pool at NodeGetInfo, and a published image is not deleted."""
+    caps = {c.rpc.type for c in rbd.controller.ControllerGetCapabilities(
+        pb.ControllerGetCapabilitiesRequest()).capabilities}
+    assert pb.ControllerServiceCapability.RPC.PUBLISH_UNPUBLISH_VOLUME in caps
+    here = rbd.node.NodeGetInfo(pb.NodeGetInfoRequest()).node_id
+
+    def rados(*args: str) -> str:
+        return subprocess.run(
+            ["rados", "--conf", str(ceph_cluster.conf), "--name", "client.admin", "--keyring",
+             str(ceph_cluster.admin_keyring), "-p", ceph_cluster.pool, *args],
+            capture_output=True, text=True, timeout=30, check=True).stdout
+
+    assert f"berth.node.{here}" in rados("ls").split()
+    rados("create", "berth.node.node-b")  # as node-b's NodeGetInfo would
+    vol = create(rbd, "pvc-attach", 16 * MiB)
+    cap = mount_cap()
+    sec = secrets(rbd.cluster)  # type: ignore[attr-defined]
+
+    def publish_to(node: str, readonly: bool = False) -> grpc.StatusCode:
+        return status_of(lambda: rbd.controller.ControllerPublishVolume(
+            pb.ControllerPublishVolumeRequest(volume_id=vol.volume_id, node_id=node,
+                                              volume_capability=cap, readonly=readonly,
+                                              secrets=sec)))
+
+    def unpublish_from(node: str) -> grpc.StatusCode:
+        return status_of(lambda: rbd.controller.ControllerUnpublishVolume(
+            pb.ControllerUnpublishVolumeRequest(volume_id=vol.volume_id, node_id=node,
+                                                secrets=sec)))
+
+    assert publish_to("some-fake-node-id") == grpc.StatusCode.NOT_FOUND
+    assert publish_to(here) == grpc.StatusCode.OK
+    assert publish_to(here) == grpc.StatusCode.OK
+    assert publish_to(here, readonly=True) == grpc.StatusCode.ALREADY_EXISTS
+    assert publish_to("node-b") == grpc.StatusCode.FAILED_PRECONDITION
+    image = vol.volume_context["image"]
+    meta = ceph_cluster.rbd("image-meta", "get", f"{ceph_cluster.pool}/{image}", "berth.attach")
+    assert list(json.loads(meta)) == [here]
+    assert status_of(lambda: delete(rbd, vol.volume_id)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert unpublish_from("some-fake-node-id") == grpc.StatusCode.OK
+    assert unpublish_from(here) == grpc.StatusCode.OK
+    assert publish_to("node-b") == grpc.StatusCode.OK
+    assert unpublish_from("") == grpc.StatusCode.OK
+    delete(rbd, vol.volume_id)
+    rados("rm", "berth.node.node-b")

@@ -277,7 +277,7 @@ class Backend(ABC):
         """Undo attach for `node_id` (every node when empty); nothing to undo is fine."""
         raise self._unsupported("attach step")
 
-    def node_known(self, node_id: str) -> bool:
+    def node_known(self, node_id: str, *, secrets: Secrets) -> bool:
         """Whether a node of this driver registered itself (register_node) here."""
         raise self._unsupported("attach step")
 

@@ -61,8 +61,9 @@ class AttachRPCs:
                 f"{rpc}: no configured backend attaches volumes (PUBLISH_UNPUBLISH_VOLUME is "
                 "not advertised)")
 
-    def _node(self, backend: Backend, node_id: str) -> None:
-        if not NODE_ID_RE.fullmatch(node_id) or not backend.node_known(node_id):
+    def _node(self, backend: Backend, node_id: str, secrets: Secrets) -> None:
+        if not NODE_ID_RE.fullmatch(node_id) or not backend.node_known(node_id,
+                                                                         secrets=secrets):
             raise errors.NotFound(
                 f"node {node_id!r} is not known to backend {backend.name!r}: no node service "
                 "of this driver has registered under that ID (it does at NodeGetInfo)")
@@ -87,7 +88,7 @@ class AttachRPCs:
                     f"cannot be published as {'block' if cap.block else 'a mount'}"))
             if not backend.features.attach:
                 return pb.ControllerPublishVolumeResponse()
-            self._node(backend, request.node_id)
+            self._node(backend, request.node_id, request.secrets)
             wanted = Attachment(request.node_id, cap, request.readonly)
             refusal = _refusal(wanted, backend.attachments(volume.local_id,
                                                            secrets=request.secrets))

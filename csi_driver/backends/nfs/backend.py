@@ -540,7 +540,7 @@ class NfsBackend(Backend):
             if kept != nodes:
                 share.save_attachments(conn, local_id, kept)
 
-    def node_known(self, node_id: str) -> bool:
+    def node_known(self, node_id: str, *, secrets: Secrets) -> bool:
         self._started()
         with self._conn() as conn:
             return share.node_registered(conn, node_id)

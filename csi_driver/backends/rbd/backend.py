@@ -12,6 +12,7 @@ from ..base import (
     NO_SECRETS,
     SINGLE_NODE_MODES,
     AccessMode,
+    Attachment,
     Backend,
     BackendConfig,
     Capability,
@@ -47,6 +48,8 @@ class RbdBackend(Backend):
         clones=True,
         expansion=Expansion.ONLINE,
         volume_condition=True,
+        # Single-node images are held to one node (ceph-csi has no such guard).
+        attach=True,
     )
 
     def __init__(self, name: str, config: BackendConfig, node: NodeInfo) -> None:
@@ -200,6 +203,10 @@ class RbdBackend(Backend):
         creds = self._creds(secrets)
 
         def delete(ctx: Any) -> None:
+            nodes = sorted(_attachments_of(ctx, image))
+            if nodes:
+                raise errors.FailedPrecondition(
+                    f"image {image} is published to node {nodes[0]!r}; unpublish it first")
             # Our own client's watches (the purger detaching a clone) are not an attachment.
             busy = images.watchers(ctx, image, ignore=self.cluster.instance_ids())
             if busy:
@@ -343,6 +350,83 @@ class RbdBackend(Backend):
         return (self._snapshot(i, r) for i, r in self._list(self.config.snapshotNamePrefix))
 
     # -- node ----------------------------------------------------------------------------
+    # -- attach --------------------------------------------------------------------------
+    # Attachments live in the image's metadata; nodes register as an object each in the pool,
+    # which needs credentials in the config on the nodes. Without them no node can register,
+    # and every node ID the CO names is taken as known.
+    def _nodes_register(self) -> bool:
+        return bool(self.config.userID and self.config.userKeyFile)
+
+    def attachments(self, local_id: str, *, secrets: Secrets) -> list[Attachment]:
+        image = self._vol(local_id)
+
+        def read(ctx: Any) -> dict[str, dict[str, Any]]:
+            if not isinstance(images.read(ctx, image), ImageRecord):
+                raise errors.NotFound(f"volume {self.name}:{local_id} does not exist")
+            return _attachments_of(ctx, image)
+
+        found = self._call(secrets, "reading the attachments", read)
+        return [Attachment(node, Capability(
+            block=bool(a.get("block")), access_mode=AccessMode(int(a.get("mode", 1))),
+            fs_type=str(a.get("fsType", "")), mount_flags=tuple(a.get("flags", ()))),
+            bool(a.get("readonly"))) for node, a in found.items()]
+
+    def attach(self, local_id: str, attachment: Attachment, *, secrets: Secrets
+               ) -> Mapping[str, str]:
+        import rbd
+
+        image = self._vol(local_id)
+        cap = attachment.capability
+
+        def record(ctx: Any) -> None:
+            nodes = _attachments_of(ctx, image)
+            nodes[attachment.node_id] = {
+                "mode": int(cap.access_mode), "block": cap.block, "fsType": cap.fs_type,
+                "flags": list(cap.mount_flags), "readonly": attachment.readonly}
+            with rbd.Image(ctx, image) as img:
+                img.metadata_set(_ATTACH_KEY, json.dumps(nodes))
+
+        self._call(secrets, f"attaching image {image}", record)
+        return {}
+
+    def detach(self, local_id: str, node_id: str, *, secrets: Secrets) -> None:
+        import rbd
+
+        image = self._vol(local_id)
+
+        def record(ctx: Any) -> None:
+            nodes = _attachments_of(ctx, image)
+            kept = {n: a for n, a in nodes.items() if node_id and n != node_id}
+            if kept == nodes:
+                return
+            with rbd.Image(ctx, image) as img:
+                if kept:
+                    img.metadata_set(_ATTACH_KEY, json.dumps(kept))
+                else:
+                    img.metadata_remove(_ATTACH_KEY)
+
+        self._call(secrets, f"detaching image {image}", record)
+
+    def node_known(self, node_id: str, *, secrets: Secrets) -> bool:
+        import rados
+
+        if not self._nodes_register():
+            return True
+
+        def look(ctx: Any) -> bool:
+            try:
+                ctx.stat(_NODE_OBJECT + node_id)
+            except rados.ObjectNotFound:
+                return False
+            return True
+
+        return bool(self._call(secrets, "looking up the node", look))
+
+    def register_node(self, node_id: str) -> None:
+        if self._nodes_register():
+            self._call(NO_SECRETS, "registering the node",
+                       lambda ctx: ctx.write_full(_NODE_OBJECT + node_id, b""))
+
     def stage(self, local_id: str, staging_path: str, capability: Capability,
               context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
         self.attacher.stage(self._vol(local_id), staging_path, capability,
@@ -368,3 +452,20 @@ def _round(size: int, limit: int) -> int:
     if limit and rounded > limit:
         raise errors.OutOfRange(f"RBD volumes come in whole MiB: {rounded} exceeds limit {limit}")
     return rounded
+
+
+_ATTACH_KEY = "berth.attach"
+_NODE_OBJECT = "berth.node."
+
+
+def _attachments_of(ctx: Any, image: str) -> dict[str, dict[str, Any]]:
+    """The nodes an image is published to, from its metadata ({} for none)."""
+    import rbd
+
+    try:
+        with rbd.Image(ctx, image, read_only=True) as img:
+            raw = img.metadata_get(_ATTACH_KEY)
+    except (KeyError, rbd.ImageNotFound):
+        return {}
+    found = json.loads(raw)
+    return found if isinstance(found, dict) else {}
