@@ -204,6 +204,12 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
         status = pb.ListVolumesResponse.VolumeStatus()
         if backend.features.volume_condition and volume.condition is not None:
             status.volume_condition.CopyFrom(convert.condition_pb(volume.condition))
+        if backend.features.attach:  # LIST_VOLUMES_PUBLISHED_NODES: the attacher reconciles
+            try:
+                nodes = backend.attachments(volume.local_id, secrets=NO_SECRETS)
+            except errors.NotFound:  # deleted since it was listed
+                nodes = []
+            status.published_node_ids.extend(sorted(a.node_id for a in nodes))
         return status
 
     def ListVolumes(self, request: pb.ListVolumesRequest, context: grpc.ServicerContext
@@ -230,6 +236,7 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
         listed = self._status(backend, volume)
         if listed.HasField("volume_condition"):
             response.status.volume_condition.CopyFrom(listed.volume_condition)
+        response.status.published_node_ids.extend(listed.published_node_ids)
         return response
 
     def ControllerExpandVolume(self, request: pb.ControllerExpandVolumeRequest,
@@ -316,6 +323,7 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
             (_Cap.MODIFY_VOLUME, any(f.mutable_parameters for f in features)),
             (_Cap.PUBLISH_UNPUBLISH_VOLUME, any(f.attach for f in features)),
             (_Cap.PUBLISH_READONLY, any(f.attach for f in features)),
+            (_Cap.LIST_VOLUMES_PUBLISHED_NODES, any(f.attach for f in features)),
         ):
             if present:
                 wanted.append(cap)

@@ -845,6 +845,14 @@ def test_image_attach_rules(nfs_driver: Driver, nfs_server: NfsServer, name: str
 
     assert publish(here) == grpc.StatusCode.OK
     assert publish(here) == grpc.StatusCode.OK  # idempotent
+    # LIST_VOLUMES_PUBLISHED_NODES: what the external-attacher reconciles against.
+    assert RPC.LIST_VOLUMES_PUBLISHED_NODES in advertised
+    listed = {e.volume.volume_id: list(e.status.published_node_ids) for e in
+              nfs_driver.controller.ListVolumes(pb.ListVolumesRequest()).entries}
+    assert listed[vol.volume_id] == [here]
+    got = nfs_driver.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(
+        volume_id=vol.volume_id))
+    assert list(got.status.published_node_ids) == [here]
     assert publish(here, readonly=True) == grpc.StatusCode.ALREADY_EXISTS
     assert publish("node-b") == grpc.StatusCode.FAILED_PRECONDITION
     assert status_of(lambda: nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(
