@@ -10,7 +10,7 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .. import errors
 from ..capability import SINGLE_NODE_MODES, AccessMode, Capability
@@ -82,6 +82,19 @@ class Attachment:
     node_id: str
     capability: Capability
     readonly: bool
+
+    def to_record(self) -> dict[str, Any]:
+        """What a backend stores for it (beside the node id), as JSON."""
+        cap = self.capability
+        return {"mode": int(cap.access_mode), "block": cap.block, "fsType": cap.fs_type,
+                "flags": list(cap.mount_flags), "readonly": self.readonly}
+
+    @classmethod
+    def from_record(cls, node_id: str, data: Mapping[str, Any]) -> Attachment:
+        return cls(node_id, Capability(
+            block=bool(data.get("block")), access_mode=AccessMode(int(data.get("mode", 1))),
+            fs_type=str(data.get("fsType", "")), mount_flags=tuple(data.get("flags", ()))),
+            bool(data.get("readonly")))
 
 
 @dataclass(frozen=True, slots=True)

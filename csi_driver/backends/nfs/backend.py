@@ -503,10 +503,8 @@ class NfsBackend(Backend):
         self._started()
         with self._conn() as conn:
             self._record(conn, local_id)
-            return [Attachment(node, Capability(
-                block=bool(a.get("block")), access_mode=AccessMode(int(a.get("mode", 1))),
-                fs_type=str(a.get("fsType", "")), mount_flags=tuple(a.get("flags", ()))),
-                bool(a.get("readonly"))) for node, a in share.attachments(conn, local_id).items()]
+            return [Attachment.from_record(node, a)
+                    for node, a in share.attachments(conn, local_id).items()]
 
     def attach(self, local_id: str, attachment: Attachment, *, secrets: Secrets
                ) -> Mapping[str, str]:
@@ -524,10 +522,7 @@ class NfsBackend(Backend):
                         f"the image volume is still staged on node {holder!r} (its marker "
                         f"{ATTACHED_FILE} is there); unstage it there first")
             nodes = share.attachments(conn, local_id)
-            cap = attachment.capability
-            nodes[attachment.node_id] = {
-                "mode": int(cap.access_mode), "block": cap.block, "fsType": cap.fs_type,
-                "flags": list(cap.mount_flags), "readonly": attachment.readonly}
+            nodes[attachment.node_id] = attachment.to_record()
             share.save_attachments(conn, local_id, nodes)
         return {}
 

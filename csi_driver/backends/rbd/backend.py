@@ -366,23 +366,17 @@ class RbdBackend(Backend):
             return _attachments_of(ctx, image)
 
         found = self._call(secrets, "reading the attachments", read)
-        return [Attachment(node, Capability(
-            block=bool(a.get("block")), access_mode=AccessMode(int(a.get("mode", 1))),
-            fs_type=str(a.get("fsType", "")), mount_flags=tuple(a.get("flags", ()))),
-            bool(a.get("readonly"))) for node, a in found.items()]
+        return [Attachment.from_record(node, a) for node, a in found.items()]
 
     def attach(self, local_id: str, attachment: Attachment, *, secrets: Secrets
                ) -> Mapping[str, str]:
         import rbd
 
         image = self._vol(local_id)
-        cap = attachment.capability
 
         def record(ctx: Any) -> None:
             nodes = _attachments_of(ctx, image)
-            nodes[attachment.node_id] = {
-                "mode": int(cap.access_mode), "block": cap.block, "fsType": cap.fs_type,
-                "flags": list(cap.mount_flags), "readonly": attachment.readonly}
+            nodes[attachment.node_id] = attachment.to_record()
             with rbd.Image(ctx, image) as img:
                 img.metadata_set(_ATTACH_KEY, json.dumps(nodes))
 
