@@ -190,11 +190,11 @@ class Backend(ABC):
         """Create the volume, or return the one an earlier call with the same name made."""
 
     @abstractmethod
-    def delete_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+    def delete_volume(self, local_id: str, *, secrets: Secrets) -> None:
         """Delete the volume; a volume that does not exist is success."""
 
     @abstractmethod
-    def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None: ...
+    def get_volume(self, local_id: str, *, secrets: Secrets) -> Volume | None: ...
 
     @abstractmethod
     def list_volumes(self) -> Iterable[Volume]: ...
@@ -205,7 +205,7 @@ class Backend(ABC):
     # -- node -----------------------------------------------------------------------------
     @abstractmethod
     def stage(self, local_id: str, staging_path: str, capability: Capability,
-              context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
+              context: Mapping[str, str], *, secrets: Secrets) -> None:
         """Make the volume available at `staging_path`. The service has checked that it is not
         staged there already (by owns_mount) and that no other mount is in the way."""
 
@@ -233,25 +233,25 @@ class Backend(ABC):
         return errors.Unimplemented(f"backend {self.name!r} ({self.type_name}) has no {what}")
 
     def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
-                        secrets: Secrets = NO_SECRETS) -> Snapshot:
+                        *, secrets: Secrets) -> Snapshot:
         raise self._unsupported("snapshots")
 
-    def delete_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+    def delete_snapshot(self, local_id: str, *, secrets: Secrets) -> None:
         raise self._unsupported("snapshots")
 
-    def get_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Snapshot | None:
+    def get_snapshot(self, local_id: str, *, secrets: Secrets) -> Snapshot | None:
         raise self._unsupported("snapshots")
 
-    def list_snapshots(self, secrets: Secrets = NO_SECRETS) -> Iterable[Snapshot]:
+    def list_snapshots(self, *, secrets: Secrets) -> Iterable[Snapshot]:
         raise self._unsupported("snapshots")
 
-    def expand_volume(self, local_id: str, size: int, secrets: Secrets = NO_SECRETS
+    def expand_volume(self, local_id: str, size: int, *, secrets: Secrets
                       ) -> tuple[int, bool]:
         """Grow to `size` bytes; returns (new size, whether the node must finish the job)."""
         raise self._unsupported("expansion")
 
     def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
-                    secrets: Secrets = NO_SECRETS) -> int:
+                    *, secrets: Secrets) -> int:
         """Grow what the node sees (device, filesystem) to at least `required` bytes (0: to
         whatever the storage now holds); returns the new size in bytes."""
         raise self._unsupported("expansion")
@@ -260,18 +260,18 @@ class Backend(ABC):
         return Condition(abnormal=False, message="")
 
     def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
-                      secrets: Secrets = NO_SECRETS) -> None:
+                      *, secrets: Secrets) -> None:
         raise self._unsupported("mutable parameters")
 
     def create_group_snapshot(self, name: str, source_volumes: list[str],
-                              parameters: Mapping[str, str], secrets: Secrets = NO_SECRETS
+                              parameters: Mapping[str, str], *, secrets: Secrets
                               ) -> GroupSnapshot:
         raise self._unsupported("group snapshots")
 
-    def delete_group_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+    def delete_group_snapshot(self, local_id: str, *, secrets: Secrets) -> None:
         raise self._unsupported("group snapshots")
 
-    def get_group_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS
+    def get_group_snapshot(self, local_id: str, *, secrets: Secrets
                            ) -> GroupSnapshot | None:
         raise self._unsupported("group snapshots")
 

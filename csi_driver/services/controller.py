@@ -108,12 +108,12 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
             message.content_source.CopyFrom(_source_pb(backend_name, volume.source))
         return message
 
-    def _existing(self, volume_id: str, secrets: Secrets = NO_SECRETS
+    def _existing(self, volume_id: str, *, secrets: Secrets
                   ) -> tuple[str, Backend, Volume]:
         if not volume_id:
             raise errors.InvalidArgument("volume_id is required")
         found = self.driver.backend_for_id(volume_id)
-        volume = found[1].get_volume(found[0].local, secrets) if found else None
+        volume = found[1].get_volume(found[0].local, secrets=secrets) if found else None
         if found is None or volume is None:
             raise errors.NotFound(f"volume {volume_id!r} does not exist")
         return found[0].backend, found[1], volume
@@ -174,7 +174,7 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
             return pb.DeleteVolumeResponse()
         parsed, backend = found
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            backend.delete_volume(parsed.local, request.secrets)
+            backend.delete_volume(parsed.local, secrets=request.secrets)
         return pb.DeleteVolumeResponse()
 
     def ValidateVolumeCapabilities(
@@ -183,7 +183,7 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
         if not request.volume_id:
             raise errors.InvalidArgument("volume_id is required")
         caps = capabilities.parse_all(request.volume_capabilities)
-        _, backend, volume = self._existing(request.volume_id, request.secrets)
+        _, backend, volume = self._existing(request.volume_id, secrets=request.secrets)
         reasons = [r for r in (capabilities.unsupported(
             backend, c, self.driver.backend_parameters(volume.parameters)) for c in caps) if r]
         if any(c.block != volume.block for c in caps):
@@ -231,7 +231,8 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
 
     def ControllerGetVolume(self, request: pb.ControllerGetVolumeRequest,
                             context: grpc.ServicerContext) -> pb.ControllerGetVolumeResponse:
-        name, backend, volume = self._existing(request.volume_id)
+        # ControllerGetVolumeRequest carries no secrets: the backend's own credentials.
+        name, backend, volume = self._existing(request.volume_id, secrets=NO_SECRETS)
         response = pb.ControllerGetVolumeResponse(volume=self._volume_pb(name, backend, volume))
         listed = self._status(backend, volume)
         if listed.HasField("volume_condition"):
@@ -251,11 +252,11 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
                 rng.limit_bytes and rng.required_bytes > rng.limit_bytes):
             raise errors.InvalidArgument("capacity_range is inconsistent")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            _, backend, volume = self._existing(request.volume_id, request.secrets)
+            _, backend, volume = self._existing(request.volume_id, secrets=request.secrets)
             if backend.features.expansion is Expansion.NONE:
                 raise errors.InvalidArgument(f"backend {backend.name!r} cannot expand volumes")
             size, node_needed = backend.expand_volume(
-                volume.local_id, rng.required_bytes or rng.limit_bytes, request.secrets)
+                volume.local_id, rng.required_bytes or rng.limit_bytes, secrets=request.secrets)
         if rng.limit_bytes and size > rng.limit_bytes:
             raise errors.OutOfRange(
                 f"the volume is already {size} bytes, more than limit_bytes {rng.limit_bytes}"
@@ -269,7 +270,7 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
         if not request.volume_id:
             raise errors.InvalidArgument("volume_id is required")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            _, backend, volume = self._existing(request.volume_id, request.secrets)
+            _, backend, volume = self._existing(request.volume_id, secrets=request.secrets)
             # proto3 cannot tell an empty map from a missing one, and csi-sanity sends it by
             # default: nothing to change on a volume that exists is a successful no-op.
             if not request.mutable_parameters:
@@ -282,7 +283,7 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
                     f"{backend.name!r}; mutable: {allowed}"
                 )
             backend.modify_volume(volume.local_id, dict(request.mutable_parameters),
-                                  request.secrets)
+                                  secrets=request.secrets)
         return pb.ControllerModifyVolumeResponse()
 
     def GetCapacity(self, request: pb.GetCapacityRequest, context: grpc.ServicerContext

@@ -52,7 +52,7 @@ def _refusal(wanted: Attachment, current: Sequence[Attachment]) -> errors.CsiErr
 class AttachRPCs:
     driver: Driver
 
-    def _existing(self, volume_id: str, secrets: Secrets) -> tuple[str, Backend, Volume]:
+    def _existing(self, volume_id: str, *, secrets: Secrets) -> tuple[str, Backend, Volume]:
         raise NotImplementedError  # ControllerService's
 
     def _offered(self, rpc: str) -> None:
@@ -80,7 +80,7 @@ class AttachRPCs:
             raise errors.InvalidArgument("volume_capability is required")
         cap: Capability = capabilities.from_pb(request.volume_capability)
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            _, backend, volume = self._existing(request.volume_id, request.secrets)
+            _, backend, volume = self._existing(request.volume_id, secrets=request.secrets)
             reason = capabilities.unsupported(backend, cap, volume.parameters)
             if reason or cap.block != volume.block:
                 raise errors.InvalidArgument(reason or (
@@ -110,7 +110,7 @@ class AttachRPCs:
             return pb.ControllerUnpublishVolumeResponse()
         parsed, backend = found
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            if backend.get_volume(parsed.local, request.secrets) is None:
+            if backend.get_volume(parsed.local, secrets=request.secrets) is None:
                 return pb.ControllerUnpublishVolumeResponse()
             backend.detach(parsed.local, request.node_id, secrets=request.secrets)
         return pb.ControllerUnpublishVolumeResponse()

@@ -33,10 +33,10 @@ class SnapshotRPCs:
         if not backend.features.snapshots:
             raise errors.InvalidArgument(f"backend {parsed.backend!r} cannot take snapshots")
         with self.driver.locks.hold(f"name:{request.name}", f"id:{request.source_volume_id}"):
-            if backend.get_volume(parsed.local, request.secrets) is None:
+            if backend.get_volume(parsed.local, secrets=request.secrets) is None:
                 raise errors.NotFound(f"volume {request.source_volume_id!r} does not exist")
             snap = backend.create_snapshot(request.name, parsed.local, dict(request.parameters),
-                                           request.secrets)
+                                           secrets=request.secrets)
         if snap.source_volume != parsed.local:
             raise errors.AlreadyExists(
                 f"snapshot {request.name!r} already exists for another volume"
@@ -50,7 +50,7 @@ class SnapshotRPCs:
         found = self._snapshot_backend(request.snapshot_id)
         if found is not None:
             with self.driver.locks.hold(f"id:{request.snapshot_id}"):
-                found[1].delete_snapshot(found[0].local, request.secrets)
+                found[1].delete_snapshot(found[0].local, secrets=request.secrets)
         return pb.DeleteSnapshotResponse()
 
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
@@ -58,13 +58,13 @@ class SnapshotRPCs:
         snapshots: list[tuple[str, pb.Snapshot]] = []
         if request.snapshot_id:
             found = self._snapshot_backend(request.snapshot_id)
-            snap = found[1].get_snapshot(found[0].local, request.secrets) if found else None
+            snap = found[1].get_snapshot(found[0].local, secrets=request.secrets) if found else None
             if found and snap:
                 snapshots.append((request.snapshot_id, convert.snapshot_pb(found[0].backend, snap)))
         else:
             for name, backend in self.driver.backends.items():
                 if backend.features.snapshots:
-                    listed = backend.list_snapshots(request.secrets)
+                    listed = backend.list_snapshots(secrets=request.secrets)
                     snapshots += [(m.snapshot_id, m)
                                   for m in (convert.snapshot_pb(name, s) for s in listed)]
         if request.source_volume_id:
@@ -81,7 +81,7 @@ class SnapshotRPCs:
         if not request.snapshot_id:
             raise errors.InvalidArgument("snapshot_id is required")
         found = self._snapshot_backend(request.snapshot_id)
-        snap = found[1].get_snapshot(found[0].local, request.secrets) if found else None
+        snap = found[1].get_snapshot(found[0].local, secrets=request.secrets) if found else None
         if found is None or snap is None:
             raise errors.NotFound(f"snapshot {request.snapshot_id!r} does not exist")
         return pb.GetSnapshotResponse(snapshot=convert.snapshot_pb(found[0].backend, snap))

@@ -56,7 +56,8 @@ class GroupControllerService(pb_grpc.GroupControllerServicer):
         parsed = []
         for raw in request.source_volume_ids:
             found = self.driver.backend_for_id(raw)
-            if found is None or found[1].get_volume(found[0].local, request.secrets) is None:
+            if found is None or found[1].get_volume(found[0].local,
+                                                    secrets=request.secrets) is None:
                 raise errors.NotFound(f"volume {raw!r} does not exist")
             parsed.append(found)
         backends = {p.backend for p, _ in parsed}
@@ -71,7 +72,7 @@ class GroupControllerService(pb_grpc.GroupControllerServicer):
         keys = [f"name:{request.name}", *(f"id:{v}" for v in request.source_volume_ids)]
         with self.driver.locks.hold(*keys):
             group = backend.create_group_snapshot(request.name, locals_,
-                                                  dict(request.parameters), request.secrets)
+                                                  dict(request.parameters), secrets=request.secrets)
         if sorted(s.source_volume for s in group.snapshots) != sorted(locals_):
             raise errors.AlreadyExists(
                 f"group snapshot {request.name!r} already exists with other volumes"
@@ -88,11 +89,11 @@ class GroupControllerService(pb_grpc.GroupControllerServicer):
             return pb.DeleteVolumeGroupSnapshotResponse()
         parsed, backend = found
         with self.driver.locks.hold(f"id:{request.group_snapshot_id}"):
-            group = backend.get_group_snapshot(parsed.local, request.secrets)
+            group = backend.get_group_snapshot(parsed.local, secrets=request.secrets)
             if group is None:
                 return pb.DeleteVolumeGroupSnapshotResponse()
             _check_members(parsed.backend, group, request.snapshot_ids)
-            backend.delete_group_snapshot(parsed.local, request.secrets)
+            backend.delete_group_snapshot(parsed.local, secrets=request.secrets)
         return pb.DeleteVolumeGroupSnapshotResponse()
 
     def GetVolumeGroupSnapshot(self, request: pb.GetVolumeGroupSnapshotRequest,
@@ -101,7 +102,8 @@ class GroupControllerService(pb_grpc.GroupControllerServicer):
         if not request.group_snapshot_id:
             raise errors.InvalidArgument("group_snapshot_id is required")
         found = self._group_backend(request.group_snapshot_id)
-        group = found[1].get_group_snapshot(found[0].local, request.secrets) if found else None
+        group = (found[1].get_group_snapshot(found[0].local, secrets=request.secrets)
+                 if found else None)
         if found is None or group is None:
             raise errors.NotFound(f"group snapshot {request.group_snapshot_id!r} does not exist")
         _check_members(found[0].backend, group, request.snapshot_ids)

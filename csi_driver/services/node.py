@@ -161,7 +161,7 @@ class NodeService(pb_grpc.NodeServicer):
             if mounts.mount_at(source) is not None and backend.owns_mount(parsed.local, source):
                 return pb.NodeStageVolumeResponse()  # staged already: NodeStage is idempotent
             backend.stage(parsed.local, staging, cap, dict(request.volume_context),
-                          request.secrets)
+                          secrets=request.secrets)
         return pb.NodeStageVolumeResponse()
 
     def NodeUnstageVolume(self, request: pb.NodeUnstageVolumeRequest,
@@ -227,7 +227,8 @@ class NodeService(pb_grpc.NodeServicer):
             if mounts.mount_at(target) is not None:
                 mounts.unmount(target, wait=STATS_WAIT)
             backend.unstage(local_id, staging)
-            backend.stage(local_id, staging, cap, dict(request.volume_context), request.secrets)
+            backend.stage(local_id, staging, cap, dict(request.volume_context),
+                          secrets=request.secrets)
         elif (target != source and mounts.mount_at(target) is not None and _stale(target)):
             log.warning("volume %s: target %s is stale; publishing again", request.volume_id,
                         target)
@@ -324,7 +325,8 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.InvalidArgument(f"backend {parsed.backend!r} cannot expand volumes")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
             size = backend.node_expand(parsed.local, path, staging,
-                                       request.capacity_range.required_bytes, request.secrets)
+                                       request.capacity_range.required_bytes,
+                                       secrets=request.secrets)
         return pb.NodeExpandVolumeResponse(capacity_bytes=size)
 
     def NodeGetCapabilities(self, request: pb.NodeGetCapabilitiesRequest,

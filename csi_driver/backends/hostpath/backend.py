@@ -12,7 +12,6 @@ from collections.abc import Iterator, Mapping
 from ... import errors, ids
 from ...node import copying, filesystems, loop, mounts
 from ..base import (
-    NO_SECRETS,
     SINGLE_NODE_MODES,
     Backend,
     BackendConfig,
@@ -305,7 +304,7 @@ class HostPathBackend(Backend):
         return next((e.mount_point for e in mounts.mount_table() if e.source in devices
                      or (e.fs_type == "devtmpfs" and e.root in nodes)), None)
 
-    def delete_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+    def delete_volume(self, local_id: str, *, secrets: Secrets) -> None:
         self.probe()
         rec = self.store.read(self.store.volumes, local_id)
         if rec is None:
@@ -322,7 +321,7 @@ class HostPathBackend(Backend):
             with self._sizes_lock:
                 self._sizes.pop(local_id, None)
 
-    def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None:
+    def get_volume(self, local_id: str, *, secrets: Secrets) -> Volume | None:
         self.probe()
         rec = self.store.read(self.store.volumes, local_id)
         return None if rec is None else self._volume(local_id, rec)
@@ -331,7 +330,7 @@ class HostPathBackend(Backend):
         self.probe()
         return (self._volume(i, r) for i, r in self._records(self.store.volumes))
 
-    def expand_volume(self, local_id: str, size: int, secrets: Secrets = NO_SECRETS
+    def expand_volume(self, local_id: str, size: int, *, secrets: Secrets
                       ) -> tuple[int, bool]:
         rec = self._existing_volume(local_id)
         size = self._sized(rec.layout, rec.fs_type, size, 0)
@@ -361,7 +360,7 @@ class HostPathBackend(Backend):
                 )
 
     def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
-                      secrets: Secrets = NO_SECRETS) -> None:
+                      *, secrets: Secrets) -> None:
         self._check_mutable(mutable_parameters)
         rec = self._existing_volume(local_id)
         rec.mutable.update(mutable_parameters)
@@ -385,7 +384,7 @@ class HostPathBackend(Backend):
                 shutil.rmtree(scratch, ignore_errors=True)
 
     def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
-                        secrets: Secrets = NO_SECRETS) -> Snapshot:
+                        *, secrets: Secrets) -> Snapshot:
         self.probe()
         local_id = ids.local_id_for_name(name)
         rec = self.store.read(self.store.snapshots, local_id)
@@ -395,7 +394,7 @@ class HostPathBackend(Backend):
             assert rec is not None
         return self._snapshot(local_id, rec)
 
-    def delete_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+    def delete_snapshot(self, local_id: str, *, secrets: Secrets) -> None:
         self.probe()
         rec = self.store.read(self.store.snapshots, local_id)
         if rec is not None and rec.group:
@@ -405,12 +404,12 @@ class HostPathBackend(Backend):
             )
         self.store.discard(self.store.snapshots, local_id, "delete-snapshot")
 
-    def get_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Snapshot | None:
+    def get_snapshot(self, local_id: str, *, secrets: Secrets) -> Snapshot | None:
         self.probe()
         rec = self.store.read(self.store.snapshots, local_id)
         return None if rec is None else self._snapshot(local_id, rec)
 
-    def list_snapshots(self, secrets: Secrets = NO_SECRETS) -> Iterator[Snapshot]:
+    def list_snapshots(self, *, secrets: Secrets) -> Iterator[Snapshot]:
         self.probe()
         return (self._snapshot(i, r) for i, r in self._records(self.store.snapshots))
 
@@ -425,7 +424,7 @@ class HostPathBackend(Backend):
                              created_at=grec.created)
 
     def create_group_snapshot(self, name: str, source_volumes: list[str],
-                              parameters: Mapping[str, str], secrets: Secrets = NO_SECRETS
+                              parameters: Mapping[str, str], *, secrets: Secrets
                               ) -> GroupSnapshot:
         self.probe()
         local_id = ids.local_id_for_name(name)
@@ -460,7 +459,7 @@ class HostPathBackend(Backend):
                 shutil.rmtree(scratch, ignore_errors=True)
         return self._group(local_id, grec)
 
-    def delete_group_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+    def delete_group_snapshot(self, local_id: str, *, secrets: Secrets) -> None:
         self.probe()
         grec = self.store.read_group(local_id)
         if grec is None:
@@ -470,7 +469,7 @@ class HostPathBackend(Backend):
             self.store.discard(self.store.snapshots, member)
         self.store.discard(self.store.groups, local_id)
 
-    def get_group_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS
+    def get_group_snapshot(self, local_id: str, *, secrets: Secrets
                            ) -> GroupSnapshot | None:
         self.probe()
         grec = self.store.read_group(local_id)
@@ -478,7 +477,7 @@ class HostPathBackend(Backend):
 
     # -- node ----------------------------------------------------------------------------
     def stage(self, local_id: str, staging_path: str, capability: Capability,
-              context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
+              context: Mapping[str, str], *, secrets: Secrets) -> None:
         rec = self.store.read(self.store.volumes, local_id)
         if rec is None:
             raise errors.NotFound(f"volume {self.name}:{local_id} does not exist on this node")
@@ -495,7 +494,7 @@ class HostPathBackend(Backend):
         return rec is not None and self.attacher.owns(local_id, rec, path)
 
     def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
-                    secrets: Secrets = NO_SECRETS) -> int:
+                    *, secrets: Secrets) -> int:
         rec = self._existing_volume(local_id)
         if rec.layout != DIRECTORY:
             self.attacher.expand(local_id, rec, volume_path)

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from ... import errors, faults, ids
 from ...node import bounded, mounts
 from ..base import (
-    NO_SECRETS,
     AccessMode,
     Attachment,
     Backend,
@@ -336,7 +335,7 @@ class NfsBackend(Backend):
                 raise Cancelled
             conn.rename(tmp, dst)
 
-    def delete_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+    def delete_volume(self, local_id: str, *, secrets: Secrets) -> None:
         self._started()
         with self._conn() as conn:
             rec = share.volume_record(conn, local_id)
@@ -365,7 +364,7 @@ class NfsBackend(Backend):
             share.remove(conn, f"{share.VOLUMES}/{local_id}.json")
             share.release(conn, rec.sub_dir, rec.name, local_id)
 
-    def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None:
+    def get_volume(self, local_id: str, *, secrets: Secrets) -> Volume | None:
         self._started()
         with self._conn() as conn:
             rec = share.volume_record(conn, local_id)
@@ -385,7 +384,7 @@ class NfsBackend(Backend):
         with self._conn() as conn:
             return Capacity(available=conn.available())
 
-    def expand_volume(self, local_id: str, size: int, secrets: Secrets = NO_SECRETS
+    def expand_volume(self, local_id: str, size: int, *, secrets: Secrets
                       ) -> tuple[int, bool]:
         """Directory volumes have no size to grow: the new size is recorded, nothing else;
         an image grows here and its filesystem on the node."""
@@ -401,7 +400,7 @@ class NfsBackend(Backend):
             return rec.size, rec.layout == volumes.IMAGE
 
     def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
-                      secrets: Secrets = NO_SECRETS) -> None:
+                      *, secrets: Secrets) -> None:
         """Record the new mount settings; the node applies them at its next NodeStage."""
         volumes.check_mutable(mutable_parameters)
         self._started()
@@ -422,7 +421,7 @@ class NfsBackend(Backend):
                         size=rec.size, created_at=rec.created, ready=ready)
 
     def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
-                        secrets: Secrets = NO_SECRETS) -> Snapshot:
+                        *, secrets: Secrets) -> Snapshot:
         self._started()
         local_id = ids.local_id_for_name(name)
         with self._conn() as conn:
@@ -458,7 +457,7 @@ class NfsBackend(Backend):
             return self._snapshot(local_id, rec, True)
         return self._snapshot(local_id, rec, False)
 
-    def delete_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+    def delete_snapshot(self, local_id: str, *, secrets: Secrets) -> None:
         self._started()
         if not self.jobs.cancel(f"snap-{local_id}", wait=self.config.timeoutSeconds):
             raise errors.Aborted(f"the copy of snapshot {self.name}:{local_id} is still "
@@ -470,7 +469,7 @@ class NfsBackend(Backend):
             share.remove(conn, f"{share.SNAPSHOTS}/{local_id}.json")
         self._purge.set()
 
-    def get_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Snapshot | None:
+    def get_snapshot(self, local_id: str, *, secrets: Secrets) -> Snapshot | None:
         self._started()
         with self._conn() as conn:
             rec = share.snapshot_record(conn, local_id)
@@ -478,7 +477,7 @@ class NfsBackend(Backend):
                 return None
             return self._snapshot(local_id, rec, self._snapshot_ready(conn, local_id))
 
-    def list_snapshots(self, secrets: Secrets = NO_SECRETS) -> Iterator[Snapshot]:
+    def list_snapshots(self, *, secrets: Secrets) -> Iterator[Snapshot]:
         self._started()
         with self._conn() as conn:
             found = []
@@ -546,7 +545,7 @@ class NfsBackend(Backend):
 
     # -- node ----------------------------------------------------------------------------
     def stage(self, local_id: str, staging_path: str, capability: Capability,
-              context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
+              context: Mapping[str, str], *, secrets: Secrets) -> None:
         context = self._modified(local_id, context)
         server = context.get("server") or self.config.server
         export = context.get("share") or self.config.share
@@ -631,7 +630,7 @@ class NfsBackend(Backend):
                 and entry.source.startswith(f"{host}:"))
 
     def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
-                    secrets: Secrets = NO_SECRETS) -> int:
+                    *, secrets: Secrets) -> int:
         if not self.images.is_image(local_id):
             return required  # a directory has no size of its own
         return bounded.call(f"expand:{local_id}", self.images.expand, local_id, volume_path,

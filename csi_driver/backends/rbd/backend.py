@@ -198,7 +198,7 @@ class RbdBackend(Backend):
         with rbd.Image(ctx, parent) as img:
             img.remove_snap(snap)
 
-    def delete_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+    def delete_volume(self, local_id: str, *, secrets: Secrets) -> None:
         image = self._vol(local_id)
         creds = self._creds(secrets)
 
@@ -217,7 +217,7 @@ class RbdBackend(Backend):
 
         self._run(creds, f"deleting image {image}", delete)
 
-    def get_volume(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Volume | None:
+    def get_volume(self, local_id: str, *, secrets: Secrets) -> Volume | None:
         found = self._call(secrets, "reading the volume",
                            lambda ctx: images.read(ctx, self._vol(local_id)))
         return self._volume(local_id, found) if isinstance(found, ImageRecord) else None
@@ -253,7 +253,7 @@ class RbdBackend(Backend):
         available = int(pools[self.config.pool]["max_avail"])
         return Capacity(available=available, maximum_volume_size=available)
 
-    def expand_volume(self, local_id: str, size: int, secrets: Secrets = NO_SECRETS
+    def expand_volume(self, local_id: str, size: int, *, secrets: Secrets
                       ) -> tuple[int, bool]:
         import rbd
 
@@ -281,7 +281,7 @@ class RbdBackend(Backend):
                     "each a whole number (0 = unlimited)")
 
     def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
-                      secrets: Secrets = NO_SECRETS) -> None:
+                      *, secrets: Secrets) -> None:
         import rbd
 
         self._check_qos(mutable_parameters)
@@ -297,7 +297,7 @@ class RbdBackend(Backend):
 
     # -- snapshots -----------------------------------------------------------------------
     def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
-                        secrets: Secrets = NO_SECRETS) -> Snapshot:
+                        *, secrets: Secrets) -> Snapshot:
         import rbd
 
         local_id = ids.local_id_for_name(name)
@@ -335,18 +335,18 @@ class RbdBackend(Backend):
         rec = self._run(creds, f"snapshotting image {source}", take)
         return self._snapshot(local_id, rec)
 
-    def delete_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> None:
+    def delete_snapshot(self, local_id: str, *, secrets: Secrets) -> None:
         image = self._snap(local_id)
         creds = self._creds(secrets)
         self._run(creds, f"deleting snapshot image {image}",
                           lambda ctx: self._discard(ctx, creds, image))
 
-    def get_snapshot(self, local_id: str, secrets: Secrets = NO_SECRETS) -> Snapshot | None:
+    def get_snapshot(self, local_id: str, *, secrets: Secrets) -> Snapshot | None:
         found = self._call(secrets, "reading the snapshot",
                            lambda ctx: images.read(ctx, self._snap(local_id)))
         return self._snapshot(local_id, found) if isinstance(found, ImageRecord) else None
 
-    def list_snapshots(self, secrets: Secrets = NO_SECRETS) -> Iterator[Snapshot]:
+    def list_snapshots(self, *, secrets: Secrets) -> Iterator[Snapshot]:
         return (self._snapshot(i, r) for i, r in self._list(self.config.snapshotNamePrefix))
 
     # -- node ----------------------------------------------------------------------------
@@ -422,7 +422,7 @@ class RbdBackend(Backend):
                        lambda ctx: ctx.write_full(_NODE_OBJECT + node_id, b""))
 
     def stage(self, local_id: str, staging_path: str, capability: Capability,
-              context: Mapping[str, str], secrets: Secrets = NO_SECRETS) -> None:
+              context: Mapping[str, str], *, secrets: Secrets) -> None:
         self.attacher.stage(self._vol(local_id), staging_path, capability,
                             self._creds(secrets))
 
@@ -433,7 +433,7 @@ class RbdBackend(Backend):
         return self.attacher.owns(self._vol(local_id), path)
 
     def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
-                    secrets: Secrets = NO_SECRETS) -> int:
+                    *, secrets: Secrets) -> int:
         return self.attacher.expand(self._vol(local_id), volume_path, required)
 
     def node_condition(self, local_id: str, volume_path: str) -> Condition:
