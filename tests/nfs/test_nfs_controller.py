@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -693,6 +694,32 @@ def create_from_snapshot(driver: Driver, name: str, snapshot_id: str, size: int 
         timeout=30).volume
 
 
+def _copy_racing(nfs_server: NfsServer, src: str, dst: str, meddle: str,
+                 *args: str) -> subprocess.CompletedProcess[str]:
+    """copy_tree(src, dst) in the server's namespace, with the Python lines `meddle` (its
+    `args` in `args`) run between the walk and the file copies, as a pod racing the copy would.
+    A copy libnfs refuses prints "refused <errno>"."""
+    probe = (
+        "import os, sys\n"
+        "from csi_driver.backends.nfs import tree\n"
+        "from csi_driver.backends.nfs.libnfs import Connection, NfsError\n"
+        "addr, src, dst, *args = sys.argv[1:]\n"
+        "walked = tree._parallel\n"
+        "def meddled(*a, **k):\n"
+        + textwrap.indent(meddle, "    ") +
+        "    return walked(*a, **k)\n"
+        "tree._parallel = meddled\n"
+        "def connect(d):\n"
+        "    return Connection(addr, '/export' + ('' if d == '/' else d), 3, 10)\n"
+        "try:\n"
+        "    tree.copy_tree(connect, src, dst)\n"
+        "except NfsError as exc:\n"
+        "    print('refused', exc.errno)\n")
+    return subprocess.run(nfs_server.in_netns(
+        [sys.executable, "-c", probe, nfs_server.address, src, dst, *args]),
+        capture_output=True, text=True, timeout=60)
+
+
 def test_copy_reads_cannot_leave_the_source_volume(nfs_server: NfsServer, name: str) -> None:
     """A copy reads each file through a connection mounted at the source volume: a directory a
     pod swaps for a symlink after the walk listed it (relative, absolute, or climbing with ..)
@@ -706,26 +733,11 @@ def test_copy_reads_cannot_leave_the_source_volume(nfs_server: NfsServer, name: 
         (source / "real").mkdir(parents=True)
         (source / "real" / "secret").write_text("mine")
         # The swap happens between the walk and the file copies, as a racing pod's would.
-        probe = (
-            "import os, sys\n"
-            "from csi_driver.backends.nfs import tree\n"
-            "from csi_driver.backends.nfs.libnfs import Connection, NfsError\n"
-            "addr, src, dst, where, target = sys.argv[1:6]\n"
-            "walked = tree._parallel\n"
-            "def swapped(*args, **kwargs):\n"
-            "    os.rename(f'{where}/real', f'{where}/moved')\n"
-            "    os.symlink(target, f'{where}/real')\n"
-            "    return walked(*args, **kwargs)\n"
-            "tree._parallel = swapped\n"
-            "def connect(d):\n"
-            "    return Connection(addr, '/export' + ('' if d == '/' else d), 3, 10)\n"
-            "try:\n"
-            "    tree.copy_tree(connect, src, dst)\n"
-            "except NfsError as exc:\n"
-            "    print('refused', exc.errno)\n")
-        done = subprocess.run(nfs_server.in_netns(
-            [sys.executable, "-c", probe, nfs_server.address, f"/{name}-{i}", f"/{name}-{i}-copy",
-             str(source), target]), capture_output=True, text=True, timeout=30)
+        done = _copy_racing(nfs_server, f"/{name}-{i}", f"/{name}-{i}-copy",
+                            "where, target = args\n"
+                            "os.rename(f'{where}/real', f'{where}/moved')\n"
+                            "os.symlink(target, f'{where}/real')\n",
+                            str(source), target)
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("refused"), (target, done.stdout)
         copied = [p.read_text() for p in (export / f"{name}-{i}-copy").rglob("*")
@@ -942,29 +954,17 @@ def test_copy_of_a_live_volume(nfs_server: NfsServer, name: str) -> None:
     (source / "big-gone").write_bytes(os.urandom(3 << 20))  # over the pipelines' limit
     (source / "shrinks").write_bytes(b"abcdefghij" + bytes(100_000))
     (source / "big-shrinks").write_bytes(os.urandom(3 << 20))
-    probe = (
-        "import os, sys\n"
-        "from csi_driver.backends.nfs import tree\n"
-        "from csi_driver.backends.nfs.libnfs import Connection\n"
-        "addr, src, dst, where, copy = sys.argv[1:6]\n"
-        "walked = tree._parallel\n"
-        "def live(*args, **kwargs):\n"
-        "    for i in range(0, 40, 3):\n"
-        "        os.unlink(f'{where}/small-{i}')\n"
-        "    os.unlink(f'{where}/big-gone')\n"
-        "    os.unlink(f'{where}/gone-dir/f')\n"
-        "    os.truncate(f'{where}/shrinks', 10)\n"
-        "    os.truncate(f'{where}/big-shrinks', 1 << 20 | 5)\n"
-        "    open(f'{copy}/small-1', 'wb').write(b'left by a first CREATE')\n"
-        "    return walked(*args, **kwargs)\n"
-        "tree._parallel = live\n"
-        "def connect(d):\n"
-        "    return Connection(addr, '/export' + ('' if d == '/' else d), 3, 10)\n"
-        "tree.copy_tree(connect, src, dst)\n")
-    done = subprocess.run(nfs_server.in_netns(
-        [sys.executable, "-c", probe, nfs_server.address, f"/{name}", f"/{name}-copy",
-         str(source), str(export / f"{name}-copy")]), capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    done = _copy_racing(nfs_server, f"/{name}", f"/{name}-copy",
+                        "where, copy = args\n"
+                        "for i in range(0, 40, 3):\n"
+                        "    os.unlink(f'{where}/small-{i}')\n"
+                        "os.unlink(f'{where}/big-gone')\n"
+                        "os.unlink(f'{where}/gone-dir/f')\n"
+                        "os.truncate(f'{where}/shrinks', 10)\n"
+                        "os.truncate(f'{where}/big-shrinks', 1 << 20 | 5)\n"
+                        "open(f'{copy}/small-1', 'wb').write(b'left by a first CREATE')\n",
+                        str(source), str(export / f"{name}-copy"))
+    assert done.returncode == 0 and "refused" not in done.stdout, (done.stdout, done.stderr)
     copy = export / f"{name}-copy"
     assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in source.iterdir())
     for p in source.iterdir():
