@@ -9,8 +9,9 @@ import socket
 import sys
 
 from . import requestid
-from .config import NODE_ID_RE, ConfigError, load_settings
+from .config import ConfigError, load_settings
 from .driver import DEFAULT_KUBELET_DIR, Driver
+from .ids import NODE_ID_RE
 from .server import MODES, Endpoint, EndpointError, Server
 
 
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=os.environ.get("BERTH_KUBELET_DIR", DEFAULT_KUBELET_DIR),
                    help="staging and target paths must lie beneath it (env BERTH_KUBELET_DIR; "
                    f"default {DEFAULT_KUBELET_DIR})")
+    p.add_argument("--topology", action="append", default=[], metavar="KEY=VALUE",
+                   help="a topology segment of this node, e.g. topology.kubernetes.io/zone=a "
+                   "(repeatable; env BERTH_TOPOLOGY, comma-separated): reported for the keys "
+                   "that configured backends place volumes by")
     p.add_argument("--mode", choices=MODES, default="all", help="which CSI services to serve")
     p.add_argument("--workers", type=int, default=16, help="concurrent RPCs")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
@@ -55,11 +60,21 @@ def main(argv: list[str] | None = None) -> int:
               "or '_', starting and ending with a letter or digit (it is a topology value)",
               file=sys.stderr)
         return 2
+    given = [*(os.environ.get("BERTH_TOPOLOGY", "").split(",")), *args.topology]
+    segments = {}
+    for item in (g.strip() for g in given if g.strip()):
+        key, eq, value = item.partition("=")
+        if not eq or not key or not NODE_ID_RE.fullmatch(value):
+            print(f"csi-driver: --topology {item!r}: expected KEY=VALUE, the value 1-63 "
+                  "letters, digits, '.', '-' or '_'", file=sys.stderr)
+            return 2
+        segments[key] = value
     try:
         settings = load_settings(args.config, args.data_dir)
         endpoint = Endpoint.parse(args.endpoint)
         driver = Driver.from_settings(settings, args.node_id, args.kubelet_dir,
-                                      controller=args.mode != "node")
+                                      controller=args.mode != "node",
+                                      serves_node=args.mode != "controller", segments=segments)
         server = Server(driver, endpoint, args.mode, args.workers,
                         slow_ms=args.slow_rpc_seconds * 1000)
         server.run_until_signalled()

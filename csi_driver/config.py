@@ -16,8 +16,6 @@ DEFAULT_DRIVER_NAME = "berth.csi.dev"
 # CSI: at most 63 characters of alphanumerics, '-' and '.', alphanumeric at both ends; lowercase
 # because it also prefixes the topology key, which must be a DNS subdomain.
 _DRIVER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
-# A topology value: at most 63 characters, alphanumeric at both ends.
-NODE_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 
 class ConfigError(Exception):
@@ -88,6 +86,10 @@ def parse_settings(data: Any, source: str = "config") -> Settings:
             backends[name] = schema.load(kind_class.Config, raw, where)
         except schema.SchemaError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+        if backends[name].maxVolumesPerNode and not kind_class.features.attach:
+            raise ConfigError(
+                f"{source}: {where}.maxVolumesPerNode: a {kind} backend does not attach volumes "
+                "to nodes, so it has no per-node limit; set the top-level maxVolumesPerNode")
     return Settings(top.driverName, top.maxVolumesPerNode, backends)
 
 

@@ -15,6 +15,8 @@ from .errors import InvalidArgument
 
 MAX_ID_BYTES = 128
 BACKEND_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# A node ID is also a topology value: at most 63 characters, alphanumeric at both ends.
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SLUG_UNSAFE = re.compile(r"[^a-z0-9-]+")
 

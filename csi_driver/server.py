@@ -86,12 +86,12 @@ class Server:
             pb_grpc.add_NodeServicer_to_server(NodeService(driver), self._grpc)
 
     def _warm_up(self) -> None:
-        """Probe every backend once (hostPath tidies up after a crash, NFS prepares its share),
+        """Start every backend once (hostPath tidies up after a crash, NFS prepares its share),
         beside serving: a backend whose server is unreachable must not keep the others, or
-        GetPluginInfo, waiting. The first RPC to a backend probes it again if needed."""
+        GetPluginInfo, waiting. The first RPC to a backend tries again if needed."""
         for name, backend in self.driver.backends.items():
             try:
-                backend.probe()
+                self.driver.ready(backend)
             except CsiError as exc:
                 log.warning("backend %s is not ready yet: %s", name, exc.message)
 

@@ -23,6 +23,9 @@ RULES = [
                          "csi_driver.driver", "csi_driver.server", "csi_driver.config")),
     ("csi_driver.backends", ("csi_driver.services", "csi_driver.csi", "csi_driver.driver",
                              "csi_driver.server", "csi_driver.interceptors")),
+    # The services see the driver through services/plugin.py's protocol.
+    ("csi_driver.services", ("csi_driver.driver", "csi_driver.config", "csi_driver.server",
+                             "csi_driver.cli")),
 ]
 
 

@@ -95,3 +95,17 @@ def test_sizes(text: str | int, value: int) -> None:
 def test_bad_sizes(text: str) -> None:
     with pytest.raises(ValueError):
         parse_bytes(text)
+
+
+def test_backend_topology_and_node_limit_are_checked() -> None:
+    ok = parse_settings({"backends": {"n": {"type": "nfs", "server": "s", "share": "/e",
+                                             "topology": {"topology.kubernetes.io/zone": "a"},
+                                             "maxVolumesPerNode": 3}}})
+    assert ok.backends["n"].topology == {"topology.kubernetes.io/zone": "a"}
+    assert ok.backends["n"].maxVolumesPerNode == 3
+    for bad, words in (({"topology": {"not a key": "a"}}, "label keys"),
+                       ({"topology": {"zone": "a b"}}, "label keys"),
+                       ({"maxVolumesPerNode": -1}, "whole number"),
+                       ({"maxVolumesPerNode": 2}, "does not attach")):
+        with pytest.raises(ConfigError, match=words):
+            parse_settings({"backends": {"l": {"type": "hostpath", "path": "/tmp/x", **bad}}})

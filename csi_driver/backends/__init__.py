@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .base import Backend
@@ -38,11 +38,11 @@ def type_names() -> list[str]:
 
 
 @functools.cache
-def backend_type(name: str) -> type[Backend] | None:
+def backend_type(name: str) -> type[Backend[Any]] | None:
     """The class for a type name, imported now; None for a name nobody registered."""
     target = BUILTIN.get(name) or _plugins().get(name)
     if target is None:
         return None
     module, _, attr = target.partition(":")
-    found: type[Backend] = getattr(importlib.import_module(module), attr)
+    found: type[Backend[Any]] = getattr(importlib.import_module(module), attr)
     return found

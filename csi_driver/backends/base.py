@@ -7,13 +7,15 @@ capacity and topology rules, and call these methods with validated dataclasses.
 from __future__ import annotations
 
 import enum
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from .. import errors
 from ..capability import SINGLE_NODE_MODES, AccessMode, Capability
+from ..ids import NODE_ID_RE
 
 __all__ = ["SINGLE_NODE_MODES", "AccessMode", "Capability"]  # and what follows
 
@@ -58,21 +60,106 @@ class Source:
     local_id: str
 
 
+# A topology segment set: {key: value}, e.g. {"topology.kubernetes.io/zone": "zone-a"}.
+Segments = Mapping[str, str]
+
+
 @dataclass(frozen=True, slots=True)
+class Provisioner:
+    """What external-provisioner says about the claim (its --extra-create-metadata), typed:
+    backends never see the csi.storage.k8s.io/* parameters themselves."""
+
+    pvc_name: str = ""
+    pvc_namespace: str = ""
+    pv_name: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class VolumeRequest:
     name: str
     size: int
     capabilities: tuple[Capability, ...]
+    # The backend's own StorageClass parameters (the services took out theirs and the
+    # provisioner's), checked against Features.parameters.
     parameters: Mapping[str, str]
+    secrets: Secrets = field(repr=False)
     source: Source | None = None
     mutable_parameters: Mapping[str, str] = field(default_factory=dict)
     limit: int = 0  # capacity_range.limit_bytes; 0 = none
-    secrets: Secrets = field(default_factory=dict, repr=False)
+    provisioner: Provisioner = Provisioner()
+    # The request's accessibility requirements; the service has checked that the backend's
+    # fixed segments (if any) satisfy `requisite`. A backend that places volumes (a zone per
+    # volume) picks from these and reports the choice in Volume.topology.
+    requisite: tuple[Segments, ...] = ()
+    preferred: tuple[Segments, ...] = ()
 
     @property
     def block(self) -> bool:
         """Raw block, not mounted (the service refuses a request asking for both)."""
         return any(c.block for c in self.capabilities)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VolumeUpdate:
+    """ControllerExpandVolume (size) or ControllerModifyVolume (mutable_parameters)."""
+
+    local_id: str
+    secrets: Secrets = field(repr=False)
+    size: int = 0  # grow to at least this many bytes; 0 = no change
+    mutable_parameters: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Query:
+    """Which volumes or snapshots to list: every one, or those matching each field set."""
+
+    secrets: Secrets = field(repr=False)
+    local_id: str = ""
+    source_volume: str = ""  # snapshots of this volume
+    group: str = ""  # snapshots of this group snapshot
+
+    def wants(self, local_id: str, source_volume: str = "", group: str = "") -> bool:
+        return ((not self.local_id or local_id == self.local_id)
+                and (not self.source_volume or source_volume == self.source_volume)
+                and (not self.group or group == self.group))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotRequest:
+    name: str
+    source_volume: str  # local ID
+    parameters: Mapping[str, str]
+    secrets: Secrets = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupSnapshotRequest:
+    name: str
+    source_volumes: tuple[str, ...]  # local IDs
+    parameters: Mapping[str, str]
+    secrets: Secrets = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageRequest:
+    """NodeStageVolume, checked: the path is the CO's own directory, nothing foreign is mounted
+    there, and the volume is not staged there already."""
+
+    local_id: str
+    staging_path: str
+    capability: Capability
+    context: Mapping[str, str]  # volume_context, as CreateVolume returned it
+    publish_context: Mapping[str, str]  # what attach returned (empty without attach)
+    secrets: Secrets = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeExpandRequest:
+    local_id: str
+    volume_path: str
+    staging_path: str  # "" when the CO did not give one
+    required: int  # bytes; 0: whatever the storage now holds
+    secrets: Secrets = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +202,11 @@ class Volume:
     block: bool = False
     mutable_parameters: Mapping[str, str] = field(default_factory=dict)
     condition: Condition | None = None
+    # Nodes it is published to (backends that attach fill this).
+    published: tuple[Attachment, ...] = ()
+    # Where it is reachable, when the backend places each volume itself; empty: wherever the
+    # backend's own segments say (Backend.segments).
+    topology: tuple[Segments, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +245,35 @@ class NodeInfo:
     # This process serves the Controller service (--mode all|controller): only then does a
     # backend run controller-side background work (purges, sweeps of leftover copies).
     controller: bool = True
+    # It serves the Node service (--mode all|node): start() then registers the node with
+    # backends that attach, so their controller can tell the node exists.
+    serves_node: bool = True
+    # The node's own topology segments (--topology key=value), e.g. its zone.
+    segments: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def topology_key(self) -> str:
         return f"topology.{self.driver_name}/node"
+
+
+def _count(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return value
+
+
+# A Kubernetes label key: an optional DNS-subdomain prefix and '/', then a name of at most 63.
+_LABEL_KEY = re.compile(r"^([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?"
+                        r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+
+
+def _segments(value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and _LABEL_KEY.fullmatch(k) and isinstance(v, str)
+            and NODE_ID_RE.fullmatch(v) for k, v in value.items()):
+        raise ValueError("must map label keys (e.g. topology.kubernetes.io/zone) to values of "
+                         "1-63 letters, digits, '.', '-' or '_'")
+    return value
 
 
 @dataclass(kw_only=True)
@@ -165,21 +282,43 @@ class BackendConfig:
     unknown keys are errors rather than silent typos."""
 
     type: str
+    # Segments the backend's volumes are reachable from (a zone, a rack); empty: everywhere.
+    topology: dict[str, str] = field(default_factory=dict, metadata={"convert": _segments})
+    # For a backend that attaches: at most this many of its volumes on one node (0: no limit).
+    maxVolumesPerNode: int = field(default=0, metadata={"convert": _count})
 
 
-class Backend(ABC):
-    """One configured storage system. Subclasses set `type_name`, `Config` and `features`."""
+C = TypeVar("C", bound=BackendConfig)
+
+
+class Backend(ABC, Generic[C]):
+    """One configured storage system. Subclasses set `type_name`, `Config` and `features`,
+    and name their config type: `class MyBackend(Backend[MyConfig])`.
+
+    A controller part (volumes, snapshots, attach) and a node part (stage and what follows);
+    the services call the node part only on nodes and the controller part only in the
+    controller, except start() and probe(), which both call."""
 
     type_name: ClassVar[str]
     Config: ClassVar[type[BackendConfig]]
-    features: Features
+    features: ClassVar[Features]
     default_volume_size: int = 1 << 30
 
-    def __init__(self, name: str, config: BackendConfig, node: NodeInfo) -> None:
+    def __init__(self, name: str, config: C, node: NodeInfo) -> None:
         self.name = name
+        self.config = config
         self.node = node
+        # Where every volume of this backend is reachable from (Volume.topology may narrow
+        # it per volume): the config's segments, plus this node for node-local storage.
+        self.segments: Segments = {
+            **config.topology,
+            **({node.topology_key: node.node_id} if self.features.node_local else {})}
 
-    # -- identity -------------------------------------------------------------------------
+    # -- both sides ---------------------------------------------------------------------
+    def start(self) -> None:
+        """The one start-up hook: the driver calls it before the backend's first use, and
+        again until it succeeds (raise a CsiError, usually Unavailable, to be retried)."""
+
     @abstractmethod
     def probe(self) -> None:
         """Raise a CsiError (usually Unavailable) when the backend cannot serve requests."""
@@ -194,33 +333,11 @@ class Backend(ABC):
         """Delete the volume; a volume that does not exist is success."""
 
     @abstractmethod
-    def get_volume(self, local_id: str, *, secrets: Secrets) -> Volume | None: ...
-
-    @abstractmethod
-    def list_volumes(self) -> Iterable[Volume]: ...
+    def list_volumes(self, query: Query) -> Iterable[Volume]:
+        """The volumes matching `query` (query.local_id: that one, or none)."""
 
     @abstractmethod
     def capacity(self, parameters: Mapping[str, str]) -> Capacity: ...
-
-    # -- node -----------------------------------------------------------------------------
-    @abstractmethod
-    def stage(self, local_id: str, staging_path: str, capability: Capability,
-              context: Mapping[str, str], *, secrets: Secrets) -> None:
-        """Make the volume available at `staging_path`. The service has checked that it is not
-        staged there already (by owns_mount) and that no other mount is in the way."""
-
-    @abstractmethod
-    def unstage(self, local_id: str, staging_path: str) -> None:
-        """Undo `stage` (idempotent); nothing of the volume may stay attached afterwards."""
-
-    def known_on_node(self, local_id: str) -> bool:
-        """Whether the node can tell that the volume exists (it has no controller credentials,
-        so a backend that cannot tell says True and lets the mount table decide)."""
-        return True
-
-    def owns_mount(self, local_id: str, path: str) -> bool:
-        """Whether the mount at `path` shows this volume; backends that can tell override this."""
-        return True
 
     def capability_problem(self, capability: Capability, parameters: Mapping[str, str]
                            ) -> str | None:
@@ -228,44 +345,48 @@ class Backend(ABC):
         whole can (a layout without raw block, say); None when it can."""
         return None
 
+    # -- node -----------------------------------------------------------------------------
+    @abstractmethod
+    def stage(self, request: StageRequest) -> None:
+        """Make the volume available at `staging_path` (see StageRequest for what is checked)."""
+
+    @abstractmethod
+    def unstage(self, local_id: str, staging_path: str) -> None:
+        """Undo `stage` (idempotent); nothing of the volume may stay attached afterwards."""
+
+    def owns_mount(self, local_id: str, path: str | None) -> bool:
+        """Whether the mount at `path` shows this volume; with None, whether the node can tell
+        that the volume exists at all (it has no controller credentials, so a backend that
+        cannot tell says True and lets the mount table decide)."""
+        return True
+
     # -- optional features: the services only call these when `features` says so ---------
     def _unsupported(self, what: str) -> errors.Unimplemented:
         return errors.Unimplemented(f"backend {self.name!r} ({self.type_name}) has no {what}")
 
-    def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
-                        *, secrets: Secrets) -> Snapshot:
+    def update_volume(self, update: VolumeUpdate) -> tuple[int, bool]:
+        """Grow to `update.size` (Features.expansion) and/or record new mutable parameters
+        (Features.mutable_parameters); returns (size, whether the node must finish a growth)."""
+        raise self._unsupported("expansion or mutable parameters")
+
+    def create_snapshot(self, request: SnapshotRequest) -> Snapshot:
         raise self._unsupported("snapshots")
 
     def delete_snapshot(self, local_id: str, *, secrets: Secrets) -> None:
         raise self._unsupported("snapshots")
 
-    def get_snapshot(self, local_id: str, *, secrets: Secrets) -> Snapshot | None:
+    def list_snapshots(self, query: Query) -> Iterable[Snapshot]:
         raise self._unsupported("snapshots")
 
-    def list_snapshots(self, *, secrets: Secrets) -> Iterable[Snapshot]:
-        raise self._unsupported("snapshots")
-
-    def expand_volume(self, local_id: str, size: int, *, secrets: Secrets
-                      ) -> tuple[int, bool]:
-        """Grow to `size` bytes; returns (new size, whether the node must finish the job)."""
-        raise self._unsupported("expansion")
-
-    def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
-                    *, secrets: Secrets) -> int:
-        """Grow what the node sees (device, filesystem) to at least `required` bytes (0: to
-        whatever the storage now holds); returns the new size in bytes."""
+    def node_expand(self, request: NodeExpandRequest) -> int:
+        """Grow what the node sees (device, filesystem) to at least `required` bytes; returns
+        the new size in bytes."""
         raise self._unsupported("expansion")
 
     def node_condition(self, local_id: str, volume_path: str) -> Condition:
         return Condition(abnormal=False, message="")
 
-    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
-                      *, secrets: Secrets) -> None:
-        raise self._unsupported("mutable parameters")
-
-    def create_group_snapshot(self, name: str, source_volumes: list[str],
-                              parameters: Mapping[str, str], *, secrets: Secrets
-                              ) -> GroupSnapshot:
+    def create_group_snapshot(self, request: GroupSnapshotRequest) -> GroupSnapshot:
         raise self._unsupported("group snapshots")
 
     def delete_group_snapshot(self, local_id: str, *, secrets: Secrets) -> None:
@@ -277,10 +398,8 @@ class Backend(ABC):
 
     # -- attach: the services call these only when `features.attach` --------------------
     # The service decides who may attach (one node for a single-node mode, one writer for
-    # MULTI_NODE_SINGLE_WRITER, the same capability again is idempotent); the backend records.
-    def attachments(self, local_id: str, *, secrets: Secrets) -> list[Attachment]:
-        raise self._unsupported("attach step")
-
+    # MULTI_NODE_SINGLE_WRITER, the same capability again is idempotent, the node's limit);
+    # the backend records, and lists them in Volume.published.
     def attach(self, local_id: str, attachment: Attachment, *, secrets: Secrets
                ) -> Mapping[str, str]:
         """Record (and make) the attachment; the publish_context the node will be given."""
@@ -291,9 +410,5 @@ class Backend(ABC):
         raise self._unsupported("attach step")
 
     def node_known(self, node_id: str, *, secrets: Secrets) -> bool:
-        """Whether a node of this driver registered itself (register_node) here."""
-        raise self._unsupported("attach step")
-
-    def register_node(self, node_id: str) -> None:
-        """On the node (NodeGetInfo, which kubelet calls before any attach): say it exists."""
+        """Whether a node of this driver registered itself here (in start(), on a node)."""
         raise self._unsupported("attach step")

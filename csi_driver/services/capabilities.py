@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from ..backends.base import AccessMode, Backend, Capability
 from ..csi import csi_pb2 as pb
@@ -36,7 +37,7 @@ def parse_all(caps: Iterable[pb.VolumeCapability]) -> list[Capability]:
     return parsed
 
 
-def unsupported(backend: Backend, cap: Capability,
+def unsupported(backend: Backend[Any], cap: Capability,
                 parameters: Mapping[str, str] | None = None) -> str | None:
     """Why `backend` cannot serve `cap` (for a volume made with `parameters`, when given), or
     None when it can."""
@@ -53,7 +54,7 @@ def unsupported(backend: Backend, cap: Capability,
     return None
 
 
-def require_supported(backend: Backend, caps: Iterable[Capability],
+def require_supported(backend: Backend[Any], caps: Iterable[Capability],
                       parameters: Mapping[str, str]) -> None:
     for cap in caps:
         reason = unsupported(backend, cap, parameters)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import grpc
 from google.protobuf.wrappers_pb2 import Int64Value
 
@@ -11,22 +14,25 @@ from ..backends.base import (
     AccessMode,
     Backend,
     Expansion,
+    Query,
     Secrets,
+    Segments,
     Source,
     Volume,
     VolumeRequest,
+    VolumeUpdate,
 )
 from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
-from ..driver import Driver
-from . import capabilities, convert, pagination
+from . import capabilities, convert, lookup, pagination, parameters
 from .controller_attach import AttachRPCs
 from .controller_snapshots import SnapshotRPCs
+from .plugin import Plugin
 
 _Cap = pb.ControllerServiceCapability.RPC.Type
 
 
-def _size_for(capacity_range: pb.CapacityRange, backend: Backend) -> int:
+def _size_for(capacity_range: pb.CapacityRange, backend: Backend[Any]) -> int:
     required, limit = capacity_range.required_bytes, capacity_range.limit_bytes
     if required < 0 or limit < 0:
         raise errors.InvalidArgument("capacity_range bytes must not be negative")
@@ -44,7 +50,7 @@ def _fits(size: int, capacity_range: pb.CapacityRange) -> bool:
     return size >= capacity_range.required_bytes and (not limit or size <= limit)
 
 
-def _source(request: pb.CreateVolumeRequest, backend_name: str, backend: Backend
+def _source(request: pb.CreateVolumeRequest, backend_name: str, backend: Backend[Any]
             ) -> Source | None:
     if not request.HasField("volume_content_source"):
         return None
@@ -78,42 +84,57 @@ def _source_pb(backend_name: str, source: Source) -> pb.VolumeContentSource:
     return pb.VolumeContentSource(volume=pb.VolumeContentSource.VolumeSource(volume_id=full))
 
 
+def _within(segments: Segments, topology: Segments) -> bool:
+    """Whether a volume reachable from `segments` is reachable from `topology` (which names
+    every topology key the nodes report, as the CO's requisite topologies do)."""
+    return all(topology.get(k) == v for k, v in segments.items())
+
+
+def _reachable(backend: Backend[Any], requisite: Sequence[Segments]) -> bool:
+    """Whether the backend's volumes can satisfy a requisite list (an empty one: anywhere)."""
+    return not backend.segments or not requisite or any(
+        _within(backend.segments, t) for t in requisite)
+
+
+def _check_mutable(backend: Backend[Any], mutable: dict[str, str]) -> None:
+    """Only the keys the backend lets change: at CreateVolume as at ControllerModifyVolume."""
+    unknown = sorted(set(mutable) - backend.features.mutable_parameters)
+    if unknown:
+        allowed = ", ".join(sorted(backend.features.mutable_parameters)) or "none"
+        raise errors.InvalidArgument(
+            f"parameter(s) {', '.join(unknown)} cannot be modified on backend "
+            f"{backend.name!r}; mutable: {allowed}"
+        )
+
+
 class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
-    def __init__(self, driver: Driver) -> None:
+    def __init__(self, driver: Plugin) -> None:
         self.driver = driver
 
     # -- helpers -------------------------------------------------------------------------
-    def _topology(self, backend: Backend) -> list[pb.Topology]:
-        if not backend.features.node_local:
-            return []
-        node = self.driver.node
-        return [pb.Topology(segments={node.topology_key: node.node_id})]
+    @staticmethod
+    def _topology(backend: Backend[Any], volume: Volume) -> list[pb.Topology]:
+        places = volume.topology or ((backend.segments,) if backend.segments else ())
+        return [pb.Topology(segments=dict(t)) for t in places]
 
-    def _reachable(self, backend: Backend, requirement: pb.TopologyRequirement) -> bool:
-        """Whether a node-local backend's volume can satisfy the accessibility requirement."""
-        if not backend.features.node_local or not requirement.requisite:
-            return True
-        node = self.driver.node
-        ours = {node.topology_key: node.node_id}
-        return any(dict(t.segments) == ours for t in requirement.requisite)
-
-    def _volume_pb(self, backend_name: str, backend: Backend, volume: Volume) -> pb.Volume:
+    def _volume_pb(self, backend_name: str, backend: Backend[Any], volume: Volume
+                   ) -> pb.Volume:
         message = pb.Volume(
             volume_id=str(ids.ObjectId(backend_name, volume.local_id)),
             capacity_bytes=volume.size,
             volume_context=dict(volume.context),
-            accessible_topology=self._topology(backend),
+            accessible_topology=self._topology(backend, volume),
         )
         if volume.source is not None:
             message.content_source.CopyFrom(_source_pb(backend_name, volume.source))
         return message
 
     def _existing(self, volume_id: str, *, secrets: Secrets
-                  ) -> tuple[str, Backend, Volume]:
+                  ) -> tuple[str, Backend[Any], Volume]:
         if not volume_id:
             raise errors.InvalidArgument("volume_id is required")
         found = self.driver.backend_for_id(volume_id)
-        volume = found[1].get_volume(found[0].local, secrets=secrets) if found else None
+        volume = lookup.volume(found[1], found[0].local, secrets=secrets) if found else None
         if found is None or volume is None:
             raise errors.NotFound(f"volume {volume_id!r} does not exist")
         return found[0].backend, found[1], volume
@@ -126,9 +147,8 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
         caps = capabilities.parse_all(request.volume_capabilities)
         if len({c.block for c in caps}) > 1:
             raise errors.InvalidArgument("a volume is either raw block or mounted, not both")
-        parameters = dict(request.parameters)
-        backend_name, backend = self.driver.backend_for_parameters(parameters)
-        own = self.driver.backend_parameters(parameters)
+        backend_name, backend = self.driver.backend_for_parameters(request.parameters)
+        own = parameters.own(request.parameters)
         capabilities.require_supported(backend, caps, own)
         source = _source(request, backend_name, backend)
         unknown = sorted(set(own) - backend.features.parameters)
@@ -138,26 +158,33 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
                 f"unknown parameter(s) {', '.join(unknown)} for backend {backend_name!r} "
                 f"({backend.type_name}); it accepts: {known}"
             )
+        mutable = dict(request.mutable_parameters)
+        _check_mutable(backend, mutable)
         size = _size_for(request.capacity_range, backend)
-        if request.HasField("accessibility_requirements") and not self._reachable(
-            backend, request.accessibility_requirements
-        ):
+        need = request.accessibility_requirements
+        requisite = [dict(t.segments) for t in need.requisite]
+        if not _reachable(backend, requisite):
+            where = ", ".join(f"{k}={v}" for k, v in sorted(backend.segments.items()))
             raise errors.ResourceExhausted(
-                f"backend {backend_name!r} stores volumes on node {self.driver.node.node_id!r}, "
-                "which the accessibility requirements exclude"
+                f"backend {backend_name!r} keeps its volumes at {where}, which the "
+                "accessibility requirements exclude"
             )
         # The source is held too: deleting it while it is being copied must wait (ABORTED).
         source_key = (f"id:{backend_name}:{source.local_id}" if source is not None else "")
         with self.driver.locks.hold(f"name:{request.name}", source_key):
             volume = backend.create_volume(VolumeRequest(
-                name=request.name, size=size, capabilities=tuple(caps), parameters=parameters,
-                source=source, mutable_parameters=dict(request.mutable_parameters),
+                name=request.name, size=size, capabilities=tuple(caps), parameters=own,
+                source=source, mutable_parameters=mutable,
                 limit=request.capacity_range.limit_bytes, secrets=dict(request.secrets),
+                provisioner=parameters.provisioner(request.parameters),
+                requisite=tuple(requisite),
+                preferred=tuple(dict(t.segments) for t in need.preferred),
             ))
         if volume.name != request.name:
             raise errors.Internal("backend returned a volume of another name")
+        # A volume made before backends were given their own parameters only recorded all.
         if (not _fits(volume.size, request.capacity_range)
-                or dict(volume.parameters) != parameters or volume.source != source
+                or parameters.own(volume.parameters) != own or volume.source != source
                 or any(c.block != volume.block for c in caps)):
             raise errors.AlreadyExists(
                 f"volume {request.name!r} already exists with another size, parameters, source "
@@ -185,10 +212,11 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
         caps = capabilities.parse_all(request.volume_capabilities)
         _, backend, volume = self._existing(request.volume_id, secrets=request.secrets)
         reasons = [r for r in (capabilities.unsupported(
-            backend, c, self.driver.backend_parameters(volume.parameters)) for c in caps) if r]
+            backend, c, parameters.own(volume.parameters)) for c in caps) if r]
         if any(c.block != volume.block for c in caps):
             reasons.append(f"the volume is {'raw block' if volume.block else 'a filesystem'}")
-        if request.parameters and dict(request.parameters) != dict(volume.parameters):
+        if request.parameters and (parameters.own(request.parameters)
+                                   != parameters.own(volume.parameters)):
             reasons.append("parameters differ from the ones the volume was created with")
         if reasons:
             return pb.ValidateVolumeCapabilitiesResponse(message="; ".join(reasons))
@@ -200,23 +228,21 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
             )
         )
 
-    def _status(self, backend: Backend, volume: Volume) -> pb.ListVolumesResponse.VolumeStatus:
+    @staticmethod
+    def _status(backend: Backend[Any], volume: Volume) -> pb.ListVolumesResponse.VolumeStatus:
         status = pb.ListVolumesResponse.VolumeStatus()
         if backend.features.volume_condition and volume.condition is not None:
             status.volume_condition.CopyFrom(convert.condition_pb(volume.condition))
-        if backend.features.attach:  # LIST_VOLUMES_PUBLISHED_NODES: the attacher reconciles
-            try:
-                nodes = backend.attachments(volume.local_id, secrets=NO_SECRETS)
-            except errors.NotFound:  # deleted since it was listed
-                nodes = []
-            status.published_node_ids.extend(sorted(a.node_id for a in nodes))
+        # LIST_VOLUMES_PUBLISHED_NODES: what the external-attacher reconciles against.
+        status.published_node_ids.extend(sorted(a.node_id for a in volume.published))
         return status
 
     def ListVolumes(self, request: pb.ListVolumesRequest, context: grpc.ServicerContext
                     ) -> pb.ListVolumesResponse:
         rows = sorted(
             ((str(ids.ObjectId(name, v.local_id)), (name, backend, v))
-             for name, backend in self.driver.backends.items() for v in backend.list_volumes()),
+             for name, backend in self.driver.backends.items()
+             for v in self.driver.ready(backend).list_volumes(Query(secrets=NO_SECRETS))),
             key=lambda row: row[0],
         )
         entries, token = pagination.page(rows, request.max_entries, request.starting_token)
@@ -255,8 +281,9 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
             _, backend, volume = self._existing(request.volume_id, secrets=request.secrets)
             if backend.features.expansion is Expansion.NONE:
                 raise errors.InvalidArgument(f"backend {backend.name!r} cannot expand volumes")
-            size, node_needed = backend.expand_volume(
-                volume.local_id, rng.required_bytes or rng.limit_bytes, secrets=request.secrets)
+            size, node_needed = backend.update_volume(VolumeUpdate(
+                local_id=volume.local_id, size=rng.required_bytes or rng.limit_bytes,
+                secrets=request.secrets))
         if rng.limit_bytes and size > rng.limit_bytes:
             raise errors.OutOfRange(
                 f"the volume is already {size} bytes, more than limit_bytes {rng.limit_bytes}"
@@ -275,29 +302,24 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
             # default: nothing to change on a volume that exists is a successful no-op.
             if not request.mutable_parameters:
                 return pb.ControllerModifyVolumeResponse()
-            unknown = sorted(set(request.mutable_parameters) - backend.features.mutable_parameters)
-            if unknown:
-                allowed = ", ".join(sorted(backend.features.mutable_parameters)) or "none"
-                raise errors.InvalidArgument(
-                    f"parameter(s) {', '.join(unknown)} cannot be modified on backend "
-                    f"{backend.name!r}; mutable: {allowed}"
-                )
-            backend.modify_volume(volume.local_id, dict(request.mutable_parameters),
-                                  secrets=request.secrets)
+            mutable = dict(request.mutable_parameters)
+            _check_mutable(backend, mutable)
+            backend.update_volume(VolumeUpdate(local_id=volume.local_id,
+                                               mutable_parameters=mutable,
+                                               secrets=request.secrets))
         return pb.ControllerModifyVolumeResponse()
 
     def GetCapacity(self, request: pb.GetCapacityRequest, context: grpc.ServicerContext
                     ) -> pb.GetCapacityResponse:
-        _, backend = self.driver.backend_for_parameters(dict(request.parameters))
+        _, backend = self.driver.backend_for_parameters(request.parameters)
         caps = [capabilities.from_pb(c) for c in request.volume_capabilities]
-        own = self.driver.backend_parameters(request.parameters)
+        own = parameters.own(request.parameters)
         if any(capabilities.unsupported(backend, c, own) for c in caps):
             return pb.GetCapacityResponse(available_capacity=0)
-        if request.HasField("accessible_topology") and backend.features.node_local:
-            requirement = pb.TopologyRequirement(requisite=[request.accessible_topology])
-            if not self._reachable(backend, requirement):
-                return pb.GetCapacityResponse(available_capacity=0)
-        capacity = backend.capacity(self.driver.backend_parameters(request.parameters))
+        if request.HasField("accessible_topology") and not _reachable(
+                backend, [dict(request.accessible_topology.segments)]):
+            return pb.GetCapacityResponse(available_capacity=0)
+        capacity = backend.capacity(own)
         response = pb.GetCapacityResponse(available_capacity=capacity.available)
         if capacity.maximum_volume_size is not None:
             response.maximum_volume_size.CopyFrom(Int64Value(value=capacity.maximum_volume_size))

@@ -9,16 +9,17 @@ publish_context.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
 from .. import errors
-from ..backends.base import Attachment, Backend, Secrets, Volume
+from ..backends.base import NO_SECRETS, Attachment, Backend, Query, Secrets, Volume
 from ..capability import SINGLE_NODE_MODES, AccessMode, Capability
-from ..config import NODE_ID_RE
 from ..csi import csi_pb2 as pb
-from ..driver import Driver
-from . import capabilities
+from ..ids import NODE_ID_RE
+from . import capabilities, lookup
+from .plugin import Plugin
 
 
 def _refusal(wanted: Attachment, current: Sequence[Attachment]) -> errors.CsiError | None:
@@ -50,9 +51,10 @@ def _refusal(wanted: Attachment, current: Sequence[Attachment]) -> errors.CsiErr
 
 
 class AttachRPCs:
-    driver: Driver
+    driver: Plugin
 
-    def _existing(self, volume_id: str, *, secrets: Secrets) -> tuple[str, Backend, Volume]:
+    def _existing(self, volume_id: str, *, secrets: Secrets
+                  ) -> tuple[str, Backend[Any], Volume]:
         raise NotImplementedError  # ControllerService's
 
     def _offered(self, rpc: str) -> None:
@@ -61,12 +63,31 @@ class AttachRPCs:
                 f"{rpc}: no configured backend attaches volumes (PUBLISH_UNPUBLISH_VOLUME is "
                 "not advertised)")
 
-    def _node(self, backend: Backend, node_id: str, secrets: Secrets) -> None:
+    def _node(self, backend: Backend[Any], node_id: str, secrets: Secrets) -> None:
         if not NODE_ID_RE.fullmatch(node_id) or not backend.node_known(node_id,
                                                                          secrets=secrets):
             raise errors.NotFound(
                 f"node {node_id!r} is not known to backend {backend.name!r}: no node service "
                 "of this driver has registered under that ID (it does at NodeGetInfo)")
+
+    def _room(self, backend: Backend[Any], node_id: str, secrets: Secrets) -> None:
+        """RESOURCE_EXHAUSTED when the node already holds as many volumes as the backend's
+        maxVolumesPerNode, or the driver's, allows (what NodeGetInfo told the CO)."""
+        limits = [(backend.config.maxVolumesPerNode, [backend]),
+                  (self.driver.max_volumes_per_node,
+                   [b for b in self.driver.backends.values() if b.features.attach])]
+        for limit, counted in limits:
+            if not limit:
+                continue
+            held = sum(1 for b in counted
+                       for v in self.driver.ready(b).list_volumes(
+                           Query(secrets=secrets if b is backend else NO_SECRETS))
+                       if any(a.node_id == node_id for a in v.published))
+            if held >= limit:
+                raise errors.ResourceExhausted(
+                    f"node {node_id!r} already has {held} volumes published, the most "
+                    f"{'backend ' + repr(backend.name) if counted == [backend] else 'the driver'}"
+                    f" allows (maxVolumesPerNode: {limit}); unpublish one first")
 
     def ControllerPublishVolume(self, request: pb.ControllerPublishVolumeRequest,
                                 context: grpc.ServicerContext
@@ -90,10 +111,11 @@ class AttachRPCs:
                 return pb.ControllerPublishVolumeResponse()
             self._node(backend, request.node_id, request.secrets)
             wanted = Attachment(request.node_id, cap, request.readonly)
-            refusal = _refusal(wanted, backend.attachments(volume.local_id,
-                                                           secrets=request.secrets))
+            refusal = _refusal(wanted, volume.published)
             if refusal is not None:
                 raise refusal
+            if not any(a.node_id == wanted.node_id for a in volume.published):
+                self._room(backend, request.node_id, request.secrets)
             published = backend.attach(volume.local_id, wanted, secrets=request.secrets)
         return pb.ControllerPublishVolumeResponse(publish_context=dict(published))
 
@@ -110,7 +132,7 @@ class AttachRPCs:
             return pb.ControllerUnpublishVolumeResponse()
         parsed, backend = found
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            if backend.get_volume(parsed.local, secrets=request.secrets) is None:
+            if lookup.volume(backend, parsed.local, secrets=request.secrets) is None:
                 return pb.ControllerUnpublishVolumeResponse()
             backend.detach(parsed.local, request.node_id, secrets=request.secrets)
         return pb.ControllerUnpublishVolumeResponse()

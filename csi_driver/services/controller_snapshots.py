@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import grpc
 
 from .. import errors, ids
-from ..backends.base import Backend
+from ..backends.base import Backend, Query, SnapshotRequest
 from ..csi import csi_pb2 as pb
-from ..driver import Driver
-from . import convert, pagination
+from . import convert, lookup, pagination
+from .plugin import Plugin
 
 
 class SnapshotRPCs:
-    driver: Driver
+    driver: Plugin
 
-    def _snapshot_backend(self, raw_id: str) -> tuple[ids.ObjectId, Backend] | None:
+    def _snapshot_backend(self, raw_id: str) -> tuple[ids.ObjectId, Backend[Any]] | None:
         found = self.driver.backend_for_id(raw_id)
         if found is None or not found[1].features.snapshots:
             return None
@@ -33,10 +36,11 @@ class SnapshotRPCs:
         if not backend.features.snapshots:
             raise errors.InvalidArgument(f"backend {parsed.backend!r} cannot take snapshots")
         with self.driver.locks.hold(f"name:{request.name}", f"id:{request.source_volume_id}"):
-            if backend.get_volume(parsed.local, secrets=request.secrets) is None:
+            if lookup.volume(backend, parsed.local, secrets=request.secrets) is None:
                 raise errors.NotFound(f"volume {request.source_volume_id!r} does not exist")
-            snap = backend.create_snapshot(request.name, parsed.local, dict(request.parameters),
-                                           secrets=request.secrets)
+            snap = backend.create_snapshot(SnapshotRequest(
+                name=request.name, source_volume=parsed.local,
+                parameters=dict(request.parameters), secrets=request.secrets))
         if snap.source_volume != parsed.local:
             raise errors.AlreadyExists(
                 f"snapshot {request.name!r} already exists for another volume"
@@ -56,17 +60,22 @@ class SnapshotRPCs:
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
                       ) -> pb.ListSnapshotsResponse:
         snapshots: list[tuple[str, pb.Snapshot]] = []
+        # Each filter narrows the backends asked, and what they are asked for.
+        wanted: dict[str, Query] = {
+            name: Query(secrets=request.secrets) for name, b in self.driver.backends.items()
+            if b.features.snapshots}
+        for raw, by_id in ((request.snapshot_id, True), (request.source_volume_id, False)):
+            parsed = ids.parse(raw) if raw else None
+            if raw:
+                wanted = {n: dataclasses.replace(q, local_id=parsed.local) if by_id
+                          else dataclasses.replace(q, source_volume=parsed.local)
+                          for n, q in wanted.items() if parsed and n == parsed.backend}
+        for name, query in wanted.items():
+            listed = self.driver.ready(self.driver.backends[name]).list_snapshots(query)
+            snapshots += [(m.snapshot_id, m)
+                          for m in (convert.snapshot_pb(name, s) for s in listed)]
         if request.snapshot_id:
-            found = self._snapshot_backend(request.snapshot_id)
-            snap = found[1].get_snapshot(found[0].local, secrets=request.secrets) if found else None
-            if found and snap:
-                snapshots.append((request.snapshot_id, convert.snapshot_pb(found[0].backend, snap)))
-        else:
-            for name, backend in self.driver.backends.items():
-                if backend.features.snapshots:
-                    listed = backend.list_snapshots(secrets=request.secrets)
-                    snapshots += [(m.snapshot_id, m)
-                                  for m in (convert.snapshot_pb(name, s) for s in listed)]
+            snapshots = [r for r in snapshots if r[0] == request.snapshot_id]
         if request.source_volume_id:
             snapshots = [r for r in snapshots if r[1].source_volume_id == request.source_volume_id]
         snapshots.sort(key=lambda row: row[0])
@@ -81,7 +90,9 @@ class SnapshotRPCs:
         if not request.snapshot_id:
             raise errors.InvalidArgument("snapshot_id is required")
         found = self._snapshot_backend(request.snapshot_id)
-        snap = found[1].get_snapshot(found[0].local, secrets=request.secrets) if found else None
+        snap = lookup.snapshot(found[1], found[0].local, secrets=request.secrets) if found \
+            else None
         if found is None or snap is None:
             raise errors.NotFound(f"snapshot {request.snapshot_id!r} does not exist")
         return pb.GetSnapshotResponse(snapshot=convert.snapshot_pb(found[0].backend, snap))
+

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 
 from .. import errors, ids
-from ..backends.base import Backend, GroupSnapshot
+from ..backends.base import Backend, GroupSnapshot, GroupSnapshotRequest
 from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
-from ..driver import Driver
-from . import convert
+from . import convert, lookup
+from .plugin import Plugin
 
 _Cap = pb.GroupControllerServiceCapability.RPC.Type
 
@@ -25,10 +26,10 @@ def _check_members(backend: str, group: GroupSnapshot, snapshot_ids: Iterable[st
 
 
 class GroupControllerService(pb_grpc.GroupControllerServicer):
-    def __init__(self, driver: Driver) -> None:
+    def __init__(self, driver: Plugin) -> None:
         self.driver = driver
 
-    def _group_backend(self, raw_id: str) -> tuple[ids.ObjectId, Backend] | None:
+    def _group_backend(self, raw_id: str) -> tuple[ids.ObjectId, Backend[Any]] | None:
         found = self.driver.backend_for_id(raw_id)
         if found is None or not found[1].features.group_snapshots:
             return None
@@ -56,8 +57,8 @@ class GroupControllerService(pb_grpc.GroupControllerServicer):
         parsed = []
         for raw in request.source_volume_ids:
             found = self.driver.backend_for_id(raw)
-            if found is None or found[1].get_volume(found[0].local,
-                                                    secrets=request.secrets) is None:
+            if found is None or lookup.volume(found[1], found[0].local,
+                                              secrets=request.secrets) is None:
                 raise errors.NotFound(f"volume {raw!r} does not exist")
             parsed.append(found)
         backends = {p.backend for p, _ in parsed}
@@ -71,8 +72,9 @@ class GroupControllerService(pb_grpc.GroupControllerServicer):
         locals_ = [p.local for p, _ in parsed]
         keys = [f"name:{request.name}", *(f"id:{v}" for v in request.source_volume_ids)]
         with self.driver.locks.hold(*keys):
-            group = backend.create_group_snapshot(request.name, locals_,
-                                                  dict(request.parameters), secrets=request.secrets)
+            group = backend.create_group_snapshot(GroupSnapshotRequest(
+                name=request.name, source_volumes=tuple(locals_),
+                parameters=dict(request.parameters), secrets=request.secrets))
         if sorted(s.source_volume for s in group.snapshots) != sorted(locals_):
             raise errors.AlreadyExists(
                 f"group snapshot {request.name!r} already exists with other volumes"

@@ -11,8 +11,8 @@ from .. import __version__
 from ..backends.base import Expansion
 from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
-from ..driver import Driver
 from ..errors import CsiError
+from .plugin import Plugin
 
 log = logging.getLogger(__name__)
 _Service = pb.PluginCapability.Service.Type
@@ -20,13 +20,13 @@ _Expansion = pb.PluginCapability.VolumeExpansion.Type
 
 
 class IdentityService(pb_grpc.IdentityServicer):
-    def __init__(self, driver: Driver, controller: bool) -> None:
+    def __init__(self, driver: Plugin, controller: bool) -> None:
         self.driver = driver
         self.controller = controller
 
     def GetPluginInfo(self, request: pb.GetPluginInfoRequest, context: grpc.ServicerContext
                       ) -> pb.GetPluginInfoResponse:
-        return pb.GetPluginInfoResponse(name=self.driver.settings.driver_name,
+        return pb.GetPluginInfoResponse(name=self.driver.node.driver_name,
                                         vendor_version=__version__)
 
     def GetPluginCapabilities(self, request: pb.GetPluginCapabilitiesRequest,
@@ -37,7 +37,7 @@ class IdentityService(pb_grpc.IdentityServicer):
             services.append(_Service.CONTROLLER_SERVICE)
             if any(f.group_snapshots for f in features):
                 services.append(_Service.GROUP_CONTROLLER_SERVICE)
-        if any(f.node_local for f in features):
+        if any(b.segments for b in self.driver.backends.values()):
             services.append(_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
         caps = [pb.PluginCapability(service=pb.PluginCapability.Service(type=s))
                 for s in services]
@@ -52,7 +52,7 @@ class IdentityService(pb_grpc.IdentityServicer):
         ready = True
         for name, backend in self.driver.backends.items():
             try:
-                backend.probe()
+                self.driver.ready(backend).probe()
             except CsiError as exc:
                 log.warning("backend %s is not ready: %s", name, exc.message)
                 ready = False

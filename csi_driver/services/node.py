@@ -12,17 +12,25 @@ import os
 import stat
 import threading
 import time
+from typing import Any
 
 import grpc
 
 from .. import errors
-from ..backends.base import AccessMode, Backend, Capability, Expansion
+from ..backends.base import (
+    AccessMode,
+    Backend,
+    Capability,
+    Expansion,
+    NodeExpandRequest,
+    StageRequest,
+)
 from ..csi import csi_pb2 as pb
 from ..csi import csi_pb2_grpc as pb_grpc
-from ..driver import Driver
 from ..ids import ObjectId
 from ..node import bounded, devices, mounts, paths
 from . import capabilities, convert
+from .plugin import Plugin
 
 log = logging.getLogger(__name__)
 _Cap = pb.NodeServiceCapability.RPC.Type
@@ -35,7 +43,7 @@ def _require(value: str, field: str) -> None:
         raise errors.InvalidArgument(f"{field} is required")
 
 
-def _capability(message: pb.VolumeCapability, backend: Backend) -> Capability:
+def _capability(message: pb.VolumeCapability, backend: Backend[Any]) -> Capability:
     cap = capabilities.from_pb(message)
     reason = capabilities.unsupported(backend, cap)
     if reason:  # the spec's "exceeds capabilities" row for the node RPCs
@@ -71,14 +79,21 @@ def _not_ours(volume_id: str, path: str, entry: mounts.MountEntry) -> errors.Csi
 
 
 class NodeService(pb_grpc.NodeServicer):
-    def __init__(self, driver: Driver) -> None:
+    def __init__(self, driver: Plugin) -> None:
         self.driver = driver
         self.kubelet = paths.KubeletDir.of(driver.kubelet_dir)
         self._registered: set[str] = set()  # backends this node has registered with
         self._retrying: set[str] = set()
         self._register_lock = threading.Lock()
 
-    def _register_later(self, backend: Backend) -> None:
+    def _register(self, backend: Backend[Any]) -> None:
+        """Start `backend`, which on a node registers the node with it, bounded: a backend
+        that does not answer must not hold NodeGetInfo (and the node's other backends)."""
+        bounded.call(f"register:{backend.name}", self.driver.ready, backend,
+                     timeout=_REGISTER_WAIT)
+        self._registered.add(backend.name)
+
+    def _register_later(self, backend: Backend[Any]) -> None:
         """Keep trying to register this node with `backend`, in one thread per backend."""
         with self._register_lock:
             if backend.name in self._retrying:
@@ -89,11 +104,9 @@ class NodeService(pb_grpc.NodeServicer):
             while backend.name not in self._registered:
                 time.sleep(_REGISTER_RETRY)
                 try:
-                    bounded.call(f"register:{backend.name}", backend.register_node,
-                                 self.driver.node.node_id, timeout=_REGISTER_WAIT)
+                    self._register(backend)
                 except errors.CsiError:
                     continue
-                self._registered.add(backend.name)
                 log.info("backend %s: node %s registered", backend.name,
                          self.driver.node.node_id)
             with self._register_lock:
@@ -117,7 +130,7 @@ class NodeService(pb_grpc.NodeServicer):
             raise errors.FailedPrecondition(f"staging_target_path {staging} is not a directory")
         return staging
 
-    def _foreign_stage(self, volume_id: str, local_id: str, backend: Backend, staging: str
+    def _foreign_stage(self, volume_id: str, local_id: str, backend: Backend[Any], staging: str
                        ) -> None:
         """Refuse to stage onto, or unstage, a mount at the staging path (or at its block
         device file) that is not the volume's."""
@@ -128,8 +141,9 @@ class NodeService(pb_grpc.NodeServicer):
                     raise _not_ours(volume_id, path, entry)
                 return  # inside a staged filesystem, "device" is the user's file
 
-    def _volume(self, volume_id: str) -> tuple[ObjectId, Backend]:
-        found = self.driver.backend_for_id(volume_id)
+    def _volume(self, volume_id: str) -> tuple[ObjectId, Backend[Any]]:
+        # Not started here: unstage and unpublish must work while the storage is away.
+        found = self.driver.backend_for_id(volume_id, start=False)
         if found is None:
             raise errors.NotFound(f"volume {volume_id!r} is not a volume of this driver")
         return found
@@ -141,8 +155,8 @@ class NodeService(pb_grpc.NodeServicer):
         entry = mounts.mount_at(path)
         if entry is not None:
             return entry
-        found = self.driver.backend_for_id(volume_id)
-        if found is None or not found[1].known_on_node(found[0].local):
+        found = self.driver.backend_for_id(volume_id, start=False)
+        if found is None or not found[1].owns_mount(found[0].local, None):
             raise errors.NotFound(f"volume {volume_id!r} does not exist")
         return None
 
@@ -160,8 +174,7 @@ class NodeService(pb_grpc.NodeServicer):
             source = _staged_source(staging, cap)
             if mounts.mount_at(source) is not None and backend.owns_mount(parsed.local, source):
                 return pb.NodeStageVolumeResponse()  # staged already: NodeStage is idempotent
-            backend.stage(parsed.local, staging, cap, dict(request.volume_context),
-                          secrets=request.secrets)
+            backend.stage(_stage_request(request, parsed.local, staging, cap))
         return pb.NodeStageVolumeResponse()
 
     def NodeUnstageVolume(self, request: pb.NodeUnstageVolumeRequest,
@@ -188,7 +201,7 @@ class NodeService(pb_grpc.NodeServicer):
                 "staging_target_path is not set; this driver stages volumes first"
             )
         staging = self._path(request.staging_target_path, "staging_target_path")
-        if not backend.known_on_node(parsed.local):
+        if not backend.owns_mount(parsed.local, None):
             raise errors.NotFound(f"volume {request.volume_id!r} does not exist")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
             source = _staged_source(staging, cap)
@@ -217,7 +230,8 @@ class NodeService(pb_grpc.NodeServicer):
 
     @staticmethod
     def _recover_stale(request: pb.NodePublishVolumeRequest, staging: str, target: str,
-                       local_id: str, backend: Backend, cap: Capability, source: str) -> None:
+                       local_id: str, backend: Backend[Any], cap: Capability, source: str
+                       ) -> None:
         """Remount what answers ESTALE: a stale target is unmounted (publish binds it again),
         a stale staging mount is unstaged and staged again first. Kubelet republishes
         after a restart; without this the pod would keep an unusable volume for ever."""
@@ -227,8 +241,7 @@ class NodeService(pb_grpc.NodeServicer):
             if mounts.mount_at(target) is not None:
                 mounts.unmount(target, wait=STATS_WAIT)
             backend.unstage(local_id, staging)
-            backend.stage(local_id, staging, cap, dict(request.volume_context),
-                          secrets=request.secrets)
+            backend.stage(_stage_request(request, local_id, staging, cap))
         elif (target != source and mounts.mount_at(target) is not None and _stale(target)):
             log.warning("volume %s: target %s is stale; publishing again", request.volume_id,
                         target)
@@ -265,7 +278,7 @@ class NodeService(pb_grpc.NodeServicer):
         return pb.NodeUnpublishVolumeResponse()
 
     def _published(self, volume_id: str, path: str, strict: bool = True
-                   ) -> tuple[ObjectId, Backend, str]:
+                   ) -> tuple[ObjectId, Backend[Any], str]:
         """The volume mounted at `path`; `strict=False` lets a mount that no longer shows the
         volume through (its condition then says what is wrong)."""
         _require(volume_id, "volume_id")
@@ -275,7 +288,7 @@ class NodeService(pb_grpc.NodeServicer):
         mounted = mounts.mount_at(path) is not None
         if not mounted and not os.path.exists(path):
             raise errors.NotFound(f"volume_path {path} does not exist")
-        if not mounted or not backend.known_on_node(parsed.local) or (
+        if not mounted or not backend.owns_mount(parsed.local, None) or (
                 strict and not backend.owns_mount(parsed.local, path)):
             raise errors.NotFound(f"volume {volume_id!r} is not mounted at {path}")
         return parsed, backend, path
@@ -324,9 +337,9 @@ class NodeService(pb_grpc.NodeServicer):
         if backend.features.expansion is Expansion.NONE:
             raise errors.InvalidArgument(f"backend {parsed.backend!r} cannot expand volumes")
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            size = backend.node_expand(parsed.local, path, staging,
-                                       request.capacity_range.required_bytes,
-                                       secrets=request.secrets)
+            size = backend.node_expand(NodeExpandRequest(
+                local_id=parsed.local, volume_path=path, staging_path=staging,
+                required=request.capacity_range.required_bytes, secrets=request.secrets))
         return pb.NodeExpandVolumeResponse(capacity_bytes=size)
 
     def NodeGetCapabilities(self, request: pb.NodeGetCapabilitiesRequest,
@@ -354,22 +367,41 @@ class NodeService(pb_grpc.NodeServicer):
         for backend in self.driver.backends.values():
             if backend.features.attach and backend.name not in self._registered:
                 try:
-                    bounded.call(f"register:{backend.name}", backend.register_node,
-                                 node.node_id, timeout=_REGISTER_WAIT)
-                    self._registered.add(backend.name)
+                    self._register(backend)
                 except errors.CsiError as exc:
                     log.warning("backend %s: node %s not registered yet (%s); retrying in the "
                                 "background", backend.name, node.node_id, exc.message)
                     self._register_later(backend)
+        # The node's own segments for every key a backend places volumes by (its zone, say),
+        # and always the node itself.
+        keys = {k for b in self.driver.backends.values() for k in b.segments}
+        segments = {k: v for k, v in node.segments.items() if k in keys}
         return pb.NodeGetInfoResponse(
             node_id=node.node_id,
-            max_volumes_per_node=self.driver.settings.max_volumes_per_node,
-            accessible_topology=pb.Topology(segments={node.topology_key: node.node_id}),
+            max_volumes_per_node=self._max_volumes(),
+            accessible_topology=pb.Topology(
+                segments={**segments, node.topology_key: node.node_id}),
         )
+
+    def _max_volumes(self) -> int:
+        """The driver's maxVolumesPerNode; without one, the sum of the backends' when every
+        backend attaches and has one (a backend without a limit makes the node's unlimited)."""
+        if self.driver.max_volumes_per_node:
+            return self.driver.max_volumes_per_node
+        limits = [b.config.maxVolumesPerNode if b.features.attach else 0
+                  for b in self.driver.backends.values()]
+        return sum(limits) if all(limits) else 0
 
 
 _REGISTER_WAIT = 5.0  # seconds NodeGetInfo waits for a backend's node registration
 _REGISTER_RETRY = 10.0
+
+
+def _stage_request(request: pb.NodeStageVolumeRequest | pb.NodePublishVolumeRequest,
+                   local_id: str, staging: str, cap: Capability) -> StageRequest:
+    return StageRequest(local_id=local_id, staging_path=staging, capability=cap,
+                        context=dict(request.volume_context),
+                        publish_context=dict(request.publish_context), secrets=request.secrets)
 
 
 def _staged_source(staging: str, cap: Capability) -> str:

@@ -14,19 +14,23 @@ from ...node import copying, filesystems, loop, mounts
 from ..base import (
     SINGLE_NODE_MODES,
     Backend,
-    BackendConfig,
-    Capability,
     Capacity,
     Condition,
     Expansion,
     Features,
     GroupSnapshot,
+    GroupSnapshotRequest,
+    NodeExpandRequest,
     NodeInfo,
+    Query,
     Secrets,
     Snapshot,
+    SnapshotRequest,
     Source,
+    StageRequest,
     Volume,
     VolumeRequest,
+    VolumeUpdate,
 )
 from .attach import Attacher
 from .config import HostPathConfig
@@ -36,7 +40,7 @@ MiB = 1 << 20
 MUTABLE = {"readOnly": ("true", "false")}
 
 
-class HostPathBackend(Backend):
+class HostPathBackend(Backend[HostPathConfig]):
     type_name = "hostpath"
     Config = HostPathConfig
     features = Features(
@@ -52,43 +56,34 @@ class HostPathBackend(Backend):
         volume_condition=True,
     )
 
-    def __init__(self, name: str, config: BackendConfig, node: NodeInfo) -> None:
+    def __init__(self, name: str, config: HostPathConfig, node: NodeInfo) -> None:
         super().__init__(name, config, node)
-        assert isinstance(config, HostPathConfig)
-        self.config = config
         self.default_volume_size = config.defaultVolumeSize
         self.store = Store(config.path)
         self.attacher = Attacher(self.store)
         self._sizes: dict[str, int] = {}
         self._sizes_lock = threading.Lock()
-        self._start_lock = threading.Lock()
-        self._ready = False
         self._shares_blocks: bool | None = None  # reflinks in the store? (probed on first copy)
 
     # -- identity ------------------------------------------------------------------------
     def probe(self) -> None:
-        if not self._ready:
-            with self._start_lock:  # two first RPCs must not both purge .tmp under each other
-                self._start()
         if not os.access(self.store.volumes, os.W_OK):
             raise errors.Unavailable(
                 f"hostpath backend {self.name!r}: {self.store.volumes} is not writable"
             )
 
-    def _start(self) -> None:
-        if not self._ready:
-            try:
-                self.store.prepare()
-            except OSError as exc:
-                raise errors.Unavailable(
-                    f"hostpath backend {self.name!r} cannot use {self.store.root}: {exc.strerror}"
-                ) from exc
-            with self._sizes_lock:
-                self._sizes = {i: r.size for i, r in self._records(self.store.volumes)}
-            # A kill during a snapshot copy leaves the source frozen: writers would hang forever.
-            for local_id, rec in self._records(self.store.volumes):
-                self.attacher.thaw_leftover(local_id, rec)
-            self._ready = True
+    def start(self) -> None:
+        try:
+            self.store.prepare()
+        except OSError as exc:
+            raise errors.Unavailable(
+                f"hostpath backend {self.name!r} cannot use {self.store.root}: {exc.strerror}"
+            ) from exc
+        with self._sizes_lock:
+            self._sizes = {i: r.size for i, r in self._records(self.store.volumes)}
+        # A kill during a snapshot copy leaves the source frozen: writers would hang forever.
+        for local_id, rec in self._records(self.store.volumes):
+            self.attacher.thaw_leftover(local_id, rec)
 
     # -- records <-> interface types -------------------------------------------------------
     def _records(self, kind_dir: str) -> Iterator[tuple[str, Record]]:
@@ -155,7 +150,6 @@ class HostPathBackend(Backend):
                 self._sizes.pop(local_id, None)
 
     def capacity(self, parameters: Mapping[str, str]) -> Capacity:
-        self.probe()
         available = self._available()
         return Capacity(available=available, maximum_volume_size=available)
 
@@ -199,7 +193,6 @@ class HostPathBackend(Backend):
         return kind_dir, rec
 
     def create_volume(self, request: VolumeRequest) -> Volume:
-        self.probe()
         local_id = ids.local_id_for_name(request.name)
         existing = self.store.read(self.store.volumes, local_id)
         if existing is not None:
@@ -305,7 +298,6 @@ class HostPathBackend(Backend):
                      or (e.fs_type == "devtmpfs" and e.root in nodes)), None)
 
     def delete_volume(self, local_id: str, *, secrets: Secrets) -> None:
-        self.probe()
         rec = self.store.read(self.store.volumes, local_id)
         if rec is None:
             return
@@ -321,17 +313,25 @@ class HostPathBackend(Backend):
             with self._sizes_lock:
                 self._sizes.pop(local_id, None)
 
-    def get_volume(self, local_id: str, *, secrets: Secrets) -> Volume | None:
-        self.probe()
-        rec = self.store.read(self.store.volumes, local_id)
-        return None if rec is None else self._volume(local_id, rec)
+    def list_volumes(self, query: Query) -> Iterator[Volume]:
+        return (self._volume(i, r) for i, r in self._matching(self.store.volumes, query))
 
-    def list_volumes(self) -> Iterator[Volume]:
-        self.probe()
-        return (self._volume(i, r) for i, r in self._records(self.store.volumes))
+    def _matching(self, kind_dir: str, query: Query) -> Iterator[tuple[str, Record]]:
+        if query.local_id:  # one record, not a scan
+            rec = self.store.read(kind_dir, query.local_id)
+            found = [] if rec is None else [(query.local_id, rec)]
+        else:
+            found = list(self._records(kind_dir))
+        return ((i, r) for i, r in found if query.wants(i, r.source_id, r.group))
 
-    def expand_volume(self, local_id: str, size: int, *, secrets: Secrets
-                      ) -> tuple[int, bool]:
+    def update_volume(self, update: VolumeUpdate) -> tuple[int, bool]:
+        if update.mutable_parameters:
+            self._modify(update.local_id, update.mutable_parameters)
+        if update.size:
+            return self._expand(update.local_id, update.size)
+        return self._existing_volume(update.local_id).size, False
+
+    def _expand(self, local_id: str, size: int) -> tuple[int, bool]:
         rec = self._existing_volume(local_id)
         size = self._sized(rec.layout, rec.fs_type, size, 0)
         if size <= rec.size:
@@ -359,8 +359,7 @@ class HostPathBackend(Backend):
                     f"{key}={value!r} is not one of {', '.join(MUTABLE[key])}"
                 )
 
-    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
-                      *, secrets: Secrets) -> None:
+    def _modify(self, local_id: str, mutable_parameters: Mapping[str, str]) -> None:
         self._check_mutable(mutable_parameters)
         rec = self._existing_volume(local_id)
         rec.mutable.update(mutable_parameters)
@@ -383,19 +382,16 @@ class HostPathBackend(Backend):
             if scratch and os.path.lexists(scratch):  # not committed: an error came first
                 shutil.rmtree(scratch, ignore_errors=True)
 
-    def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
-                        *, secrets: Secrets) -> Snapshot:
-        self.probe()
-        local_id = ids.local_id_for_name(name)
+    def create_snapshot(self, request: SnapshotRequest) -> Snapshot:
+        local_id = ids.local_id_for_name(request.name)
         rec = self.store.read(self.store.snapshots, local_id)
         if rec is None:
-            self._take_snapshot(local_id, name, source_volume)
+            self._take_snapshot(local_id, request.name, request.source_volume)
             rec = self.store.read(self.store.snapshots, local_id)
             assert rec is not None
         return self._snapshot(local_id, rec)
 
     def delete_snapshot(self, local_id: str, *, secrets: Secrets) -> None:
-        self.probe()
         rec = self.store.read(self.store.snapshots, local_id)
         if rec is not None and rec.group:
             raise errors.FailedPrecondition(
@@ -404,14 +400,8 @@ class HostPathBackend(Backend):
             )
         self.store.discard(self.store.snapshots, local_id, "delete-snapshot")
 
-    def get_snapshot(self, local_id: str, *, secrets: Secrets) -> Snapshot | None:
-        self.probe()
-        rec = self.store.read(self.store.snapshots, local_id)
-        return None if rec is None else self._snapshot(local_id, rec)
-
-    def list_snapshots(self, *, secrets: Secrets) -> Iterator[Snapshot]:
-        self.probe()
-        return (self._snapshot(i, r) for i, r in self._records(self.store.snapshots))
+    def list_snapshots(self, query: Query) -> Iterator[Snapshot]:
+        return (self._snapshot(i, r) for i, r in self._matching(self.store.snapshots, query))
 
     # -- group snapshots -----------------------------------------------------------------
     def _group(self, local_id: str, grec: GroupRecord) -> GroupSnapshot:
@@ -423,10 +413,8 @@ class HostPathBackend(Backend):
         return GroupSnapshot(local_id=local_id, name=grec.name, snapshots=tuple(members),
                              created_at=grec.created)
 
-    def create_group_snapshot(self, name: str, source_volumes: list[str],
-                              parameters: Mapping[str, str], *, secrets: Secrets
-                              ) -> GroupSnapshot:
-        self.probe()
+    def create_group_snapshot(self, request: GroupSnapshotRequest) -> GroupSnapshot:
+        name, source_volumes = request.name, request.source_volumes
         local_id = ids.local_id_for_name(name)
         grec = self.store.read_group(local_id)
         if grec is not None:
@@ -460,7 +448,6 @@ class HostPathBackend(Backend):
         return self._group(local_id, grec)
 
     def delete_group_snapshot(self, local_id: str, *, secrets: Secrets) -> None:
-        self.probe()
         grec = self.store.read_group(local_id)
         if grec is None:
             return
@@ -471,33 +458,28 @@ class HostPathBackend(Backend):
 
     def get_group_snapshot(self, local_id: str, *, secrets: Secrets
                            ) -> GroupSnapshot | None:
-        self.probe()
         grec = self.store.read_group(local_id)
         return None if grec is None else self._group(local_id, grec)
 
     # -- node ----------------------------------------------------------------------------
-    def stage(self, local_id: str, staging_path: str, capability: Capability,
-              context: Mapping[str, str], *, secrets: Secrets) -> None:
-        rec = self.store.read(self.store.volumes, local_id)
+    def stage(self, request: StageRequest) -> None:
+        rec = self.store.read(self.store.volumes, request.local_id)
         if rec is None:
-            raise errors.NotFound(f"volume {self.name}:{local_id} does not exist on this node")
-        self.attacher.stage(local_id, rec, staging_path, capability)
+            raise errors.NotFound(
+                f"volume {self.name}:{request.local_id} does not exist on this node")
+        self.attacher.stage(request.local_id, rec, request.staging_path, request.capability)
 
     def unstage(self, local_id: str, staging_path: str) -> None:
         self.attacher.unstage(local_id, staging_path)
 
-    def known_on_node(self, local_id: str) -> bool:
-        return self.store.read(self.store.volumes, local_id) is not None
-
-    def owns_mount(self, local_id: str, path: str) -> bool:
+    def owns_mount(self, local_id: str, path: str | None) -> bool:
         rec = self.store.read(self.store.volumes, local_id)
-        return rec is not None and self.attacher.owns(local_id, rec, path)
+        return rec is not None and (path is None or self.attacher.owns(local_id, rec, path))
 
-    def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
-                    *, secrets: Secrets) -> int:
-        rec = self._existing_volume(local_id)
+    def node_expand(self, request: NodeExpandRequest) -> int:
+        rec = self._existing_volume(request.local_id)
         if rec.layout != DIRECTORY:
-            self.attacher.expand(local_id, rec, volume_path)
+            self.attacher.expand(request.local_id, rec, request.volume_path)
         return rec.size
 
     def node_condition(self, local_id: str, volume_path: str) -> Condition:

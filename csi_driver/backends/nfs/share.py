@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ... import errors
+from ..base import Provisioner
 from .libnfs import Connection, NfsError
 
 META = "/.berth"
@@ -81,7 +82,7 @@ class SnapshotRecord:
     block: bool = False
 
 
-def render_sub_dir(template: str, parameters: dict[str, str], volume_name: str) -> str:
+def render_sub_dir(template: str, claim: Provisioner, volume_name: str) -> str:
     """The volume's directory relative to the share; INVALID_ARGUMENT if it is not a plain path
     inside the share (no `..`, no absolute path, not our metadata)."""
 
@@ -92,8 +93,9 @@ def render_sub_dir(template: str, parameters: dict[str, str], volume_name: str) 
                 f"subDir {template!r}: unknown variable ${{{var}}}; known: "
                 + ", ".join(f"${{{v}}}" for v in TEMPLATE_VARS)
             )
-        got = parameters.get(TEMPLATE_VARS[var]) or (
-            volume_name if var == "pv.metadata.name" else "")
+        got = {"pvc.metadata.name": claim.pvc_name,
+               "pvc.metadata.namespace": claim.pvc_namespace,
+               "pv.metadata.name": claim.pv_name or volume_name}[var]
         if not got:
             raise errors.InvalidArgument(
                 f"subDir {template!r} uses ${{{var}}} but the request has no "

@@ -14,18 +14,21 @@ from ..base import (
     AccessMode,
     Attachment,
     Backend,
-    BackendConfig,
-    Capability,
     Capacity,
     Condition,
     Expansion,
     Features,
+    NodeExpandRequest,
     NodeInfo,
+    Query,
     Secrets,
     Snapshot,
+    SnapshotRequest,
     Source,
+    StageRequest,
     Volume,
     VolumeRequest,
+    VolumeUpdate,
 )
 from . import images
 from .attach import Attacher
@@ -36,7 +39,7 @@ from .images import RESTORE_SNAP, ImageRecord
 MiB = 1 << 20
 
 
-class RbdBackend(Backend):
+class RbdBackend(Backend[RbdConfig]):
     type_name = "rbd"
     Config = RbdConfig
     features = Features(
@@ -52,10 +55,8 @@ class RbdBackend(Backend):
         attach=True,
     )
 
-    def __init__(self, name: str, config: BackendConfig, node: NodeInfo) -> None:
+    def __init__(self, name: str, config: RbdConfig, node: NodeInfo) -> None:
         super().__init__(name, config, node)
-        assert isinstance(config, RbdConfig)
-        self.config = config
         self.cluster = Cluster(config)
         self.attacher = Attacher(config)
         self.purger = images.Purger(self.cluster.call,
@@ -94,19 +95,27 @@ class RbdBackend(Backend):
     def _snap(self, local_id: str) -> str:
         return self.config.snapshotNamePrefix + local_id
 
-    def _volume(self, local_id: str, rec: ImageRecord) -> Volume:
+    def _volume(self, local_id: str, rec: ImageRecord, published: dict[str, dict[str, Any]]
+                ) -> Volume:
         kind, _, source_id = rec.source.partition(":")
         return Volume(
             local_id=local_id, name=rec.name, size=rec.size, parameters=rec.parameters,
             source=Source(kind, source_id) if kind else None, block=rec.block,
             mutable_parameters=rec.qos, condition=Condition(False, ""),
             context={"pool": self.config.pool, "image": rec.image},
+            published=tuple(Attachment.from_record(n, a) for n, a in sorted(published.items())),
         )
 
     @staticmethod
     def _snapshot(local_id: str, rec: ImageRecord) -> Snapshot:
         return Snapshot(local_id=local_id, name=rec.name, source_volume=rec.source,
                         size=rec.size, created_at=rec.created)
+
+    def start(self) -> None:
+        # A node says it exists (ControllerPublish checks), where it has credentials to.
+        if self.node.serves_node and self._nodes_register():
+            self._call(NO_SECRETS, "registering the node",
+                       lambda ctx: ctx.write_full(_NODE_OBJECT + self.node.node_id, b""))
 
     def probe(self) -> None:
         try:
@@ -167,7 +176,7 @@ class RbdBackend(Backend):
 
         creds = self._creds(request.secrets)
         rec = self._run(creds, f"creating image {image}", create)
-        return self._volume(local_id, rec)
+        return self._volume(local_id, rec, {})
 
     def _discard(self, ctx: Any, creds: Credentials, image: str) -> None:
         iid = images.to_trash(ctx, image)
@@ -217,27 +226,28 @@ class RbdBackend(Backend):
 
         self._run(creds, f"deleting image {image}", delete)
 
-    def get_volume(self, local_id: str, *, secrets: Secrets) -> Volume | None:
-        found = self._call(secrets, "reading the volume",
-                           lambda ctx: images.read(ctx, self._vol(local_id)))
-        return self._volume(local_id, found) if isinstance(found, ImageRecord) else None
-
-    def _list(self, prefix: str) -> list[tuple[str, ImageRecord]]:
+    def _list(self, prefix: str, query: Query, attached: bool
+              ) -> list[tuple[str, ImageRecord, dict[str, dict[str, Any]]]]:
+        """(local ID, record, attachments if `attached`) of the images `query` matches."""
         import rbd
 
-        def scan(ctx: Any) -> list[tuple[str, ImageRecord]]:
+        def scan(ctx: Any) -> list[tuple[str, ImageRecord, dict[str, dict[str, Any]]]]:
             out = []
-            for image in sorted(rbd.RBD().list(ctx)):
-                if image.startswith(prefix):
-                    found = images.read(ctx, image)
-                    if isinstance(found, ImageRecord):
-                        out.append((image[len(prefix):], found))
+            names = ([prefix + query.local_id] if query.local_id
+                     else sorted(i for i in rbd.RBD().list(ctx) if i.startswith(prefix)))
+            for image in names:
+                found = images.read(ctx, image)
+                if isinstance(found, ImageRecord) and query.wants(image[len(prefix):],
+                                                                   found.source):
+                    out.append((image[len(prefix):], found,
+                                _attachments_of(ctx, image) if attached else {}))
             return out
 
-        return self._call(NO_SECRETS, "listing images", scan)  # type: ignore[no-any-return]
+        return self._call(query.secrets, "listing images", scan)  # type: ignore[no-any-return]
 
-    def list_volumes(self) -> Iterator[Volume]:
-        return (self._volume(i, r) for i, r in self._list(self.config.volumeNamePrefix))
+    def list_volumes(self, query: Query) -> Iterator[Volume]:
+        return (self._volume(i, r, a)
+                for i, r, a in self._list(self.config.volumeNamePrefix, query, True))
 
     def capacity(self, parameters: Mapping[str, str]) -> Capacity:
         creds = self._creds(NO_SECRETS)
@@ -253,8 +263,12 @@ class RbdBackend(Backend):
         available = int(pools[self.config.pool]["max_avail"])
         return Capacity(available=available, maximum_volume_size=available)
 
-    def expand_volume(self, local_id: str, size: int, *, secrets: Secrets
-                      ) -> tuple[int, bool]:
+    def update_volume(self, update: VolumeUpdate) -> tuple[int, bool]:
+        if update.mutable_parameters:
+            self._modify(update.local_id, update.mutable_parameters, update.secrets)
+        return self._expand(update.local_id, update.size, update.secrets)
+
+    def _expand(self, local_id: str, size: int, secrets: Secrets) -> tuple[int, bool]:
         import rbd
 
         image = self._vol(local_id)
@@ -280,8 +294,8 @@ class RbdBackend(Backend):
                     f"{key}={value!r}: mutable parameters are {', '.join(images.QOS_KEYS)}, "
                     "each a whole number (0 = unlimited)")
 
-    def modify_volume(self, local_id: str, mutable_parameters: Mapping[str, str],
-                      *, secrets: Secrets) -> None:
+    def _modify(self, local_id: str, mutable_parameters: Mapping[str, str], secrets: Secrets
+                ) -> None:
         import rbd
 
         self._check_qos(mutable_parameters)
@@ -296,10 +310,10 @@ class RbdBackend(Backend):
         self._call(secrets, f"setting QoS on image {image}", apply)
 
     # -- snapshots -----------------------------------------------------------------------
-    def create_snapshot(self, name: str, source_volume: str, parameters: Mapping[str, str],
-                        *, secrets: Secrets) -> Snapshot:
+    def create_snapshot(self, request: SnapshotRequest) -> Snapshot:
         import rbd
 
+        name, source_volume = request.name, request.source_volume
         local_id = ids.local_id_for_name(name)
         image, source = self._snap(local_id), self._vol(source_volume)
         snap = f"snap-{image}"
@@ -331,7 +345,7 @@ class RbdBackend(Backend):
             images.complete(ctx, rec)
             return rec
 
-        creds = self._creds(secrets)
+        creds = self._creds(request.secrets)
         rec = self._run(creds, f"snapshotting image {source}", take)
         return self._snapshot(local_id, rec)
 
@@ -341,13 +355,9 @@ class RbdBackend(Backend):
         self._run(creds, f"deleting snapshot image {image}",
                           lambda ctx: self._discard(ctx, creds, image))
 
-    def get_snapshot(self, local_id: str, *, secrets: Secrets) -> Snapshot | None:
-        found = self._call(secrets, "reading the snapshot",
-                           lambda ctx: images.read(ctx, self._snap(local_id)))
-        return self._snapshot(local_id, found) if isinstance(found, ImageRecord) else None
-
-    def list_snapshots(self, *, secrets: Secrets) -> Iterator[Snapshot]:
-        return (self._snapshot(i, r) for i, r in self._list(self.config.snapshotNamePrefix))
+    def list_snapshots(self, query: Query) -> Iterator[Snapshot]:
+        return (self._snapshot(i, r)
+                for i, r, _ in self._list(self.config.snapshotNamePrefix, query, False))
 
     # -- node ----------------------------------------------------------------------------
     # -- attach --------------------------------------------------------------------------
@@ -356,17 +366,6 @@ class RbdBackend(Backend):
     # and every node ID the CO names is taken as known.
     def _nodes_register(self) -> bool:
         return bool(self.config.userID and self.config.userKeyFile)
-
-    def attachments(self, local_id: str, *, secrets: Secrets) -> list[Attachment]:
-        image = self._vol(local_id)
-
-        def read(ctx: Any) -> dict[str, dict[str, Any]]:
-            if not isinstance(images.read(ctx, image), ImageRecord):
-                raise errors.NotFound(f"volume {self.name}:{local_id} does not exist")
-            return _attachments_of(ctx, image)
-
-        found = self._call(secrets, "reading the attachments", read)
-        return [Attachment.from_record(node, a) for node, a in found.items()]
 
     def attach(self, local_id: str, attachment: Attachment, *, secrets: Secrets
                ) -> Mapping[str, str]:
@@ -416,25 +415,19 @@ class RbdBackend(Backend):
 
         return bool(self._call(secrets, "looking up the node", look))
 
-    def register_node(self, node_id: str) -> None:
-        if self._nodes_register():
-            self._call(NO_SECRETS, "registering the node",
-                       lambda ctx: ctx.write_full(_NODE_OBJECT + node_id, b""))
-
-    def stage(self, local_id: str, staging_path: str, capability: Capability,
-              context: Mapping[str, str], *, secrets: Secrets) -> None:
-        self.attacher.stage(self._vol(local_id), staging_path, capability,
-                            self._creds(secrets))
+    def stage(self, request: StageRequest) -> None:
+        self.attacher.stage(self._vol(request.local_id), request.staging_path,
+                            request.capability, self._creds(request.secrets))
 
     def unstage(self, local_id: str, staging_path: str) -> None:
         self.attacher.unstage(self._vol(local_id), staging_path)
 
-    def owns_mount(self, local_id: str, path: str) -> bool:
-        return self.attacher.owns(self._vol(local_id), path)
+    def owns_mount(self, local_id: str, path: str | None) -> bool:
+        return path is None or self.attacher.owns(self._vol(local_id), path)
 
-    def node_expand(self, local_id: str, volume_path: str, staging_path: str, required: int,
-                    *, secrets: Secrets) -> int:
-        return self.attacher.expand(self._vol(local_id), volume_path, required)
+    def node_expand(self, request: NodeExpandRequest) -> int:
+        return self.attacher.expand(self._vol(request.local_id), request.volume_path,
+                                    request.required)
 
     def node_condition(self, local_id: str, volume_path: str) -> Condition:
         return self.attacher.condition(self._vol(local_id), volume_path)

@@ -1,0 +1,52 @@
+"""The trash: a deleted volume or snapshot is one rename into it; a thread empties it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from . import share
+from .access import Access
+from .copies import Copies
+from .libnfs import Connection, NfsError
+from .tree import remove_tree
+
+log = logging.getLogger(__name__)
+
+
+class Trash:
+    def __init__(self, name: str, access: Access, copies: Copies) -> None:
+        self.name = name
+        self.access = access
+        self.copies = copies
+        self._wake = threading.Event()
+
+    def start(self, conn: Connection) -> None:
+        """In the controller only (one, by leader election): at its start whatever a killed
+        one left in tmp is garbage; then the purger runs for good."""
+        for name, _ in conn.listdir(share.TMP):
+            share.to_trash(conn, f"{share.TMP}/{name}")
+        threading.Thread(target=self._purge, name=f"purge {self.name}", daemon=True).start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _purge(self) -> None:
+        """Empty the trash in the background: a delete of a million files is one rename.
+        Abandoned copies go first, so their trash goes in the same round."""
+        conn: Connection | None = None
+        while True:
+            try:
+                conn = conn or self.access.connect()
+                self.copies.sweep(conn)
+                for name, _ in conn.listdir(share.TRASH):
+                    remove_tree(conn, f"{share.TRASH}/{name}")
+            except NfsError:
+                if conn is not None:  # the server is away: reconnect next round
+                    conn.close()
+                    conn = None
+            except Exception:  # the purger must outlive any one bad directory
+                log.exception("backend %s: purging the trash failed; retrying later", self.name)
+            # Often enough that an abandoned copy goes within half its age again.
+            self._wake.wait(min(300.0, self.access.config.abandonAfterSeconds / 2))
+            self._wake.clear()
