@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import yaml
@@ -37,9 +37,9 @@ class Driver:
     node: pb_grpc.NodeStub = field(init=False)
 
     def __post_init__(self) -> None:
-        self.identity = pb_grpc.IdentityStub(self.channel)
-        self.controller = pb_grpc.ControllerStub(self.channel)
-        self.node = pb_grpc.NodeStub(self.channel)
+        self.identity = pb_grpc.IdentityStub(self.channel)  # type: ignore[no-untyped-call]
+        self.controller = pb_grpc.ControllerStub(self.channel)  # type: ignore[no-untyped-call]
+        self.node = pb_grpc.NodeStub(self.channel)  # type: ignore[no-untyped-call]
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -92,11 +92,15 @@ def wait_ready(driver: Driver, timeout: float = 15) -> None:
     raise RuntimeError(f"driver did not answer within {timeout}s:\n{driver.log()}")
 
 
+def _mode(mode: int) -> pb.VolumeCapability.AccessMode.Mode:
+    return cast("pb.VolumeCapability.AccessMode.Mode", mode)  # the stubs' enum is an int
+
+
 def mount_cap(mode: int = pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER,
               flags: tuple[str, ...] = (), fs_type: str = "") -> pb.VolumeCapability:
     return pb.VolumeCapability(
         mount=pb.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
-        access_mode=pb.VolumeCapability.AccessMode(mode=mode),
+        access_mode=pb.VolumeCapability.AccessMode(mode=_mode(mode)),
     )
 
 
@@ -104,7 +108,7 @@ def block_cap(mode: int = pb.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
               ) -> pb.VolumeCapability:
     return pb.VolumeCapability(
         block=pb.VolumeCapability.BlockVolume(),
-        access_mode=pb.VolumeCapability.AccessMode(mode=mode),
+        access_mode=pb.VolumeCapability.AccessMode(mode=_mode(mode)),
     )
 
 

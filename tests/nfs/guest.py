@@ -160,6 +160,16 @@ def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+def guest_python() -> list[str]:
+    """The command that runs this checkout's python in the guest: the guest's processes start
+    in `/`, where `-m csi_driver` would find the venv's installed (editable) package, which
+    need not be this checkout's (a git worktree's, say)."""
+    import csi_driver
+
+    return ["env", f"PYTHONPATH={Path(csi_driver.__file__).resolve().parents[1]}",
+            sys.executable]
+
+
 def start_guest(work: Path, netns: str, driver_args: list[str], timeout: float = 60) -> Guest:
     """Boot a guest in `netns` (which must route to the NFS server, as NfsServer's does) with
     `python -m csi_driver *driver_args` running in it, and wait until driver and agent answer.
@@ -178,7 +188,7 @@ def start_guest(work: Path, netns: str, driver_args: list[str], timeout: float =
         "overlay_module": overlay, "modules": modules, "hostname": "berth-uml",
         "address": f"{GUEST_ADDRESS}/{PREFIX}", "gateway": HOST_ADDRESS,
         "out_dir": str(work / "out"), "agent_port": AGENT_PORT,
-        "driver_argv": [sys.executable, "-m", "csi_driver", *driver_args,
+        "driver_argv": [*guest_python(), "-m", "csi_driver", *driver_args,
                         "--endpoint", f"tcp://0.0.0.0:{DRIVER_PORT}"],
     }
     (work / "setup.json").write_text(json.dumps(setup, indent=1))

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -18,32 +17,11 @@ from csi_driver.csi import csi_pb2 as pb
 from csi_driver.csi import csi_pb2_grpc as pb_grpc
 
 from ..conftest import status_of
-from ..harness import Driver, MiB, mount_cap, write_config
-from .guest import Guest, missing, start_guest
+from ..harness import Driver, MiB, mount_cap
+from .guest import Guest
 from .server import NfsServer
 
 Mode = pb.VolumeCapability.AccessMode.Mode
-
-
-@pytest.fixture(scope="module")
-def guest(nfs_server: NfsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    lacking = missing()
-    if lacking:
-        pytest.fail(f"UML packages missing: {' '.join(lacking)}; run scripts/install-nfs",
-                    pytrace=False)
-    work = tmp_path_factory.mktemp("uml")
-    config = write_config(work / "node.yaml", {"nfs": {
-        "type": "nfs", "server": nfs_server.address, "share": "/export", "timeoutSeconds": 5}})
-    running = start_guest(work, nfs_server.netns,
-                          ["--node-id", "uml-node", "--config", str(config), "--mode", "node"])
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def node(guest: Guest) -> Iterator[pb_grpc.NodeStub]:
-    with grpc.insecure_channel(f"unix://{guest.driver_socket}") as channel:
-        yield pb_grpc.NodeStub(channel)
 
 
 class Published:
