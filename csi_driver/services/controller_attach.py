@@ -70,24 +70,25 @@ class AttachRPCs:
                 f"node {node_id!r} is not known to backend {backend.name!r}: no node service "
                 "of this driver has registered under that ID (it does at NodeGetInfo)")
 
+    def _limits(self, backend: Backend[Any]) -> list[tuple[int, str, list[Backend[Any]]]]:
+        """(limit, whose, the backends whose volumes count) for the node limits that apply."""
+        found = [(backend.config.maxVolumesPerNode, f"backend {backend.name!r}", [backend]),
+                 (self.driver.max_volumes_per_node, "the driver",
+                  [b for b in self.driver.backends.values() if b.features.attach])]
+        return [row for row in found if row[0]]
+
     def _room(self, backend: Backend[Any], node_id: str, secrets: Secrets) -> None:
         """RESOURCE_EXHAUSTED when the node already holds as many volumes as the backend's
         maxVolumesPerNode, or the driver's, allows (what NodeGetInfo told the CO)."""
-        limits = [(backend.config.maxVolumesPerNode, [backend]),
-                  (self.driver.max_volumes_per_node,
-                   [b for b in self.driver.backends.values() if b.features.attach])]
-        for limit, counted in limits:
-            if not limit:
-                continue
+        for limit, whose, counted in self._limits(backend):
             held = sum(1 for b in counted
                        for v in self.driver.ready(b).list_volumes(
                            Query(secrets=secrets if b is backend else NO_SECRETS))
                        if any(a.node_id == node_id for a in v.published))
             if held >= limit:
                 raise errors.ResourceExhausted(
-                    f"node {node_id!r} already has {held} volumes published, the most "
-                    f"{'backend ' + repr(backend.name) if counted == [backend] else 'the driver'}"
-                    f" allows (maxVolumesPerNode: {limit}); unpublish one first")
+                    f"node {node_id!r} already has {held} volumes published, the most {whose} "
+                    f"allows (maxVolumesPerNode: {limit}); unpublish one first")
 
     def ControllerPublishVolume(self, request: pb.ControllerPublishVolumeRequest,
                                 context: grpc.ServicerContext
@@ -100,7 +101,11 @@ class AttachRPCs:
         if not request.HasField("volume_capability"):
             raise errors.InvalidArgument("volume_capability is required")
         cap: Capability = capabilities.from_pb(request.volume_capability)
-        with self.driver.locks.hold(f"id:{request.volume_id}"):
+        found = self.driver.backend_for_id(request.volume_id, start=False)
+        # With a node limit, publishes to one node go one at a time, so two cannot both pass
+        # the count (the second gets ABORTED and is retried).
+        node_key = (f"node:{request.node_id}" if found and self._limits(found[1]) else "")
+        with self.driver.locks.hold(f"id:{request.volume_id}", node_key):
             _, backend, volume = self._existing(request.volume_id, secrets=request.secrets)
             reason = capabilities.unsupported(backend, cap, volume.parameters)
             if reason or cap.block != volume.block:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -76,6 +77,20 @@ def test_zone_from_config_and_volumes_per_node(nfs_server: NfsServer, tmp_path: 
         assert publish(vols[1]) == grpc.StatusCode.OK
         driver.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
             volume_id=vols[1].volume_id, node_id=info.node_id))
+        # Two publishes to the node at once: never both, whatever the timing.
+        for _ in range(5):
+            with ThreadPoolExecutor(2) as pool:
+                codes = list(pool.map(publish, vols))
+            assert codes.count(grpc.StatusCode.OK) <= 1, codes
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.ABORTED,
+                                  grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+            listed = driver.controller.ListVolumes(pb.ListVolumesRequest()).entries
+            held = [e.volume.volume_id for e in listed
+                    if info.node_id in e.status.published_node_ids]
+            assert len(held) == codes.count(grpc.StatusCode.OK), (held, codes)
+            for volume_id in held:
+                driver.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+                    volume_id=volume_id, node_id=info.node_id))
     finally:
         for volume_id in made:
             driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=volume_id))

@@ -8,10 +8,8 @@ nothing of the share but its own directory.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import time
 from collections.abc import Iterator, Mapping
 
 from ... import errors, faults, ids
@@ -42,7 +40,7 @@ from .attach import Attacher
 from .config import NfsConfig
 from .copies import Copies
 from .image import ATTACHED_FILE, IMAGE_FILE
-from .libnfs import Connection, NfsError
+from .libnfs import Connection
 from .trash import Trash
 
 log = logging.getLogger(__name__)
@@ -206,19 +204,7 @@ class NfsBackend(Backend[NfsConfig]):
             if nodes:
                 raise errors.FailedPrecondition(
                     f"volume {rec.name!r} is published to node {nodes[0]!r}; unpublish it first")
-            path = f"/{rec.sub_dir}"
-            if rec.on_delete == "delete":
-                share.to_trash(conn, path)
-                self.trash.wake()
-            elif rec.on_delete == "archive":
-                stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
-                archived = f"{os.path.dirname(path).rstrip('/')}/archived-" \
-                           f"{os.path.basename(path)}-{stamp}"
-                try:
-                    conn.rename(path, archived)
-                except NfsError as exc:
-                    if exc.errno != errno.ENOENT:
-                        raise
+            self.trash.dispose(conn, f"/{rec.sub_dir}", rec.on_delete)
             faults.point("nfs-delete-volume")
             # The record first: from then on a retried delete finds nothing to do, so it can
             # never touch a newer volume that takes the released subDir.

@@ -1,9 +1,13 @@
-"""The trash: a deleted volume or snapshot is one rename into it; a thread empties it."""
+"""The trash: a deleted volume or snapshot is one rename into it; a thread empties it. Also
+what the other onDelete policies do with a deleted volume's directory."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
+import time
 
 from . import share
 from .access import Access
@@ -30,6 +34,22 @@ class Trash:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def dispose(self, conn: Connection, path: str, on_delete: str) -> None:
+        """A deleted volume's directory, by its onDelete policy: into the trash (delete),
+        renamed to archived-<name>-<UTC time> beside itself (archive), or left (retain)."""
+        if on_delete == "delete":
+            share.to_trash(conn, path)
+            self.wake()
+        elif on_delete == "archive":
+            stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+            archived = f"{os.path.dirname(path).rstrip('/')}/archived-" \
+                       f"{os.path.basename(path)}-{stamp}"
+            try:
+                conn.rename(path, archived)
+            except NfsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
 
     def _purge(self) -> None:
         """Empty the trash in the background: a delete of a million files is one rename.

@@ -95,15 +95,15 @@ class RbdBackend(Backend[RbdConfig]):
     def _snap(self, local_id: str) -> str:
         return self.config.snapshotNamePrefix + local_id
 
-    def _volume(self, local_id: str, rec: ImageRecord, published: dict[str, dict[str, Any]]
-                ) -> Volume:
+    def _volume(self, local_id: str, rec: ImageRecord) -> Volume:
         kind, _, source_id = rec.source.partition(":")
         return Volume(
             local_id=local_id, name=rec.name, size=rec.size, parameters=rec.parameters,
             source=Source(kind, source_id) if kind else None, block=rec.block,
             mutable_parameters=rec.qos, condition=Condition(False, ""),
             context={"pool": self.config.pool, "image": rec.image},
-            published=tuple(Attachment.from_record(n, a) for n, a in sorted(published.items())),
+            published=tuple(Attachment.from_record(n, a)
+                            for n, a in sorted(rec.attached.items())),
         )
 
     @staticmethod
@@ -176,7 +176,7 @@ class RbdBackend(Backend[RbdConfig]):
 
         creds = self._creds(request.secrets)
         rec = self._run(creds, f"creating image {image}", create)
-        return self._volume(local_id, rec, {})
+        return self._volume(local_id, rec)
 
     def _discard(self, ctx: Any, creds: Credentials, image: str) -> None:
         iid = images.to_trash(ctx, image)
@@ -212,7 +212,7 @@ class RbdBackend(Backend[RbdConfig]):
         creds = self._creds(secrets)
 
         def delete(ctx: Any) -> None:
-            nodes = sorted(_attachments_of(ctx, image))
+            nodes = sorted(images.attachments(ctx, image))
             if nodes:
                 raise errors.FailedPrecondition(
                     f"image {image} is published to node {nodes[0]!r}; unpublish it first")
@@ -226,12 +226,11 @@ class RbdBackend(Backend[RbdConfig]):
 
         self._run(creds, f"deleting image {image}", delete)
 
-    def _list(self, prefix: str, query: Query, attached: bool
-              ) -> list[tuple[str, ImageRecord, dict[str, dict[str, Any]]]]:
-        """(local ID, record, attachments if `attached`) of the images `query` matches."""
+    def _list(self, prefix: str, query: Query) -> list[tuple[str, ImageRecord]]:
+        """(local ID, record) of the images `query` matches."""
         import rbd
 
-        def scan(ctx: Any) -> list[tuple[str, ImageRecord, dict[str, dict[str, Any]]]]:
+        def scan(ctx: Any) -> list[tuple[str, ImageRecord]]:
             out = []
             names = ([prefix + query.local_id] if query.local_id
                      else sorted(i for i in rbd.RBD().list(ctx) if i.startswith(prefix)))
@@ -239,15 +238,13 @@ class RbdBackend(Backend[RbdConfig]):
                 found = images.read(ctx, image)
                 if isinstance(found, ImageRecord) and query.wants(image[len(prefix):],
                                                                    found.source):
-                    out.append((image[len(prefix):], found,
-                                _attachments_of(ctx, image) if attached else {}))
+                    out.append((image[len(prefix):], found))
             return out
 
         return self._call(query.secrets, "listing images", scan)  # type: ignore[no-any-return]
 
     def list_volumes(self, query: Query) -> Iterator[Volume]:
-        return (self._volume(i, r, a)
-                for i, r, a in self._list(self.config.volumeNamePrefix, query, True))
+        return (self._volume(i, r) for i, r in self._list(self.config.volumeNamePrefix, query))
 
     def capacity(self, parameters: Mapping[str, str]) -> Capacity:
         creds = self._creds(NO_SECRETS)
@@ -356,8 +353,7 @@ class RbdBackend(Backend[RbdConfig]):
                           lambda ctx: self._discard(ctx, creds, image))
 
     def list_snapshots(self, query: Query) -> Iterator[Snapshot]:
-        return (self._snapshot(i, r)
-                for i, r, _ in self._list(self.config.snapshotNamePrefix, query, False))
+        return (self._snapshot(i, r) for i, r in self._list(self.config.snapshotNamePrefix, query))
 
     # -- node ----------------------------------------------------------------------------
     # -- attach --------------------------------------------------------------------------
@@ -369,34 +365,24 @@ class RbdBackend(Backend[RbdConfig]):
 
     def attach(self, local_id: str, attachment: Attachment, *, secrets: Secrets
                ) -> Mapping[str, str]:
-        import rbd
-
         image = self._vol(local_id)
 
         def record(ctx: Any) -> None:
-            nodes = _attachments_of(ctx, image)
+            nodes = images.attachments(ctx, image)
             nodes[attachment.node_id] = attachment.to_record()
-            with rbd.Image(ctx, image) as img:
-                img.metadata_set(_ATTACH_KEY, json.dumps(nodes))
+            images.save_attachments(ctx, image, nodes)
 
         self._call(secrets, f"attaching image {image}", record)
         return {}
 
     def detach(self, local_id: str, node_id: str, *, secrets: Secrets) -> None:
-        import rbd
-
         image = self._vol(local_id)
 
         def record(ctx: Any) -> None:
-            nodes = _attachments_of(ctx, image)
+            nodes = images.attachments(ctx, image)
             kept = {n: a for n, a in nodes.items() if node_id and n != node_id}
-            if kept == nodes:
-                return
-            with rbd.Image(ctx, image) as img:
-                if kept:
-                    img.metadata_set(_ATTACH_KEY, json.dumps(kept))
-                else:
-                    img.metadata_remove(_ATTACH_KEY)
+            if kept != nodes:
+                images.save_attachments(ctx, image, kept)
 
         self._call(secrets, f"detaching image {image}", record)
 
@@ -441,18 +427,4 @@ def _round(size: int, limit: int) -> int:
     return rounded
 
 
-_ATTACH_KEY = "berth.attach"
 _NODE_OBJECT = "berth.node."
-
-
-def _attachments_of(ctx: Any, image: str) -> dict[str, dict[str, Any]]:
-    """The nodes an image is published to, from its metadata ({} for none)."""
-    import rbd
-
-    try:
-        with rbd.Image(ctx, image, read_only=True) as img:
-            raw = img.metadata_get(_ATTACH_KEY)
-    except (KeyError, rbd.ImageNotFound):
-        return {}
-    found = json.loads(raw)
-    return found if isinstance(found, dict) else {}

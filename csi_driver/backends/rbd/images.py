@@ -35,6 +35,9 @@ from ... import errors
 log = logging.getLogger(__name__)
 RESTORE_SNAP = "restore"
 RECORD_KEY = "metadata_berth"  # librbd's image-meta key "berth"
+# The nodes a volume is published to (JSON {node: attachment}), image-meta "berth.attach",
+# read and written the same way as the record (`rbd image-meta get POOL/IMAGE berth.attach`).
+ATTACH_KEY = "metadata_berth.attach"
 QOS_KEYS = ("rbd_qos_iops_limit", "rbd_qos_bps_limit", "rbd_qos_read_iops_limit",
             "rbd_qos_write_iops_limit", "rbd_qos_read_bps_limit", "rbd_qos_write_bps_limit")
 
@@ -50,6 +53,7 @@ class ImageRecord:
     created: float = 0.0
     block: bool = False  # made for raw block access (else for a filesystem)
     qos: dict[str, str] = field(default_factory=dict)
+    attached: dict[str, dict[str, Any]] = field(default_factory=dict)  # ATTACH_KEY, not stored
 
 
 def image_id(ctx: Any, image: str) -> str | None:
@@ -86,7 +90,44 @@ def read(ctx: Any, image: str) -> ImageRecord | bool | None:
     rec.size = struct.unpack("<Q", omap["size"])[0]
     rec.qos = {k[len("metadata_conf_"):]: v.decode() for k, v in omap.items()
                if k[len("metadata_conf_"):] in QOS_KEYS}
+    rec.attached = _attachments(omap.get(ATTACH_KEY))
     return rec
+
+
+def _attachments(raw: bytes | None) -> dict[str, dict[str, Any]]:
+    found = json.loads(raw) if raw else {}
+    return found if isinstance(found, dict) else {}
+
+
+def attachments(ctx: Any, image: str) -> dict[str, dict[str, Any]]:
+    """The nodes an image is published to ({} for none, or no such image)."""
+    import rados
+
+    iid = image_id(ctx, image)
+    if iid is None:
+        return {}
+    with rados.ReadOpCtx() as op:
+        values, _ = ctx.get_omap_vals_by_keys(op, (ATTACH_KEY,))
+        try:
+            ctx.operate_read_op(op, f"rbd_header.{iid}")
+        except rados.ObjectNotFound:
+            return {}
+        return _attachments(dict(values).get(ATTACH_KEY))
+
+
+def save_attachments(ctx: Any, image: str, nodes: dict[str, dict[str, Any]]) -> None:
+    """Write (or, for none, remove) the image's attachments."""
+    import rados
+
+    iid = image_id(ctx, image)
+    if iid is None:
+        raise errors.NotFound(f"image {image} does not exist")
+    with rados.WriteOpCtx() as op:
+        if nodes:
+            ctx.set_omap(op, (ATTACH_KEY,), (json.dumps(nodes).encode(),))
+        else:
+            ctx.remove_omap_keys(op, (ATTACH_KEY,))
+        ctx.operate_write_op(op, f"rbd_header.{iid}")
 
 
 def complete(ctx: Any, rec: ImageRecord) -> None:
@@ -94,7 +135,8 @@ def complete(ctx: Any, rec: ImageRecord) -> None:
     import rados
 
     iid = image_id(ctx, rec.image)
-    data = {k: v for k, v in asdict(rec).items() if k not in ("image", "size", "qos")}
+    data = {k: v for k, v in asdict(rec).items()
+            if k not in ("image", "size", "qos", "attached")}
     with rados.WriteOpCtx() as op:
         ctx.set_omap(op, (RECORD_KEY,), (json.dumps(data).encode(),))
         ctx.operate_write_op(op, f"rbd_header.{iid}")
