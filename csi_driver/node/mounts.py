@@ -95,6 +95,14 @@ def _parse(line: str) -> MountEntry:
     )
 
 
+# Filesystems whose server can remove or replace a directory under a mount (ESTALE).
+NETWORK_FS = frozenset({"nfs", "nfs4", "ceph", "fuse.ceph-fuse", "cifs", "smb3", "9p"})
+
+
+def is_network(entry: MountEntry) -> bool:
+    return entry.fs_type in NETWORK_FS
+
+
 def read_mountinfo() -> str:
     """The raw mount table: a cheap substring test on it often makes parsing unnecessary."""
     with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:

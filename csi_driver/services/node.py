@@ -234,15 +234,20 @@ class NodeService(pb_grpc.NodeServicer):
                        ) -> None:
         """Remount what answers ESTALE: a stale target is unmounted (publish binds it again),
         a stale staging mount is unstaged and staged again first. Kubelet republishes
-        after a restart; without this the pod would keep an unusable volume for ever."""
-        if mounts.mount_at(staging) is not None and _stale(staging):
+        after a restart; without this the pod would keep an unusable volume for ever. Only a
+        network filesystem's server can replace a directory under a mount: a local one is not
+        opened (that is two bounded calls per publish)."""
+        text = mounts.read_mountinfo()
+        staged = mounts.mount_at(staging, text)
+        at_target = mounts.mount_at(target, text) if target != source else None
+        if staged is not None and mounts.is_network(staged) and _stale(staging):
             log.warning("volume %s: staging mount %s is stale; remounting", request.volume_id,
                         staging)
             if mounts.mount_at(target) is not None:
                 mounts.unmount(target, wait=STATS_WAIT)
             backend.unstage(local_id, staging)
             backend.stage(_stage_request(request, local_id, staging, cap))
-        elif (target != source and mounts.mount_at(target) is not None and _stale(target)):
+        elif at_target is not None and mounts.is_network(at_target) and _stale(target):
             log.warning("volume %s: target %s is stale; publishing again", request.volume_id,
                         target)
             mounts.unmount(target, wait=STATS_WAIT)
