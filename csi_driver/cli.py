@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from . import requestid
+from . import __version__, requestid
 from .config import ConfigError, load_settings
 from .driver import DEFAULT_KUBELET_DIR, Driver
 from .ids import NODE_ID_RE
@@ -23,7 +23,10 @@ def _default_data_dir() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="csi-driver", description="Berth CSI driver")
+    p = argparse.ArgumentParser(
+        prog="csi-driver", description="Berth CSI driver",
+        epilog="csi-driver check --config FILE: check a config and every backend it names")
+    p.add_argument("--version", action="version", version=f"csi-driver {__version__}")
     p.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", "unix:///tmp/csi.sock"),
                    help="unix:///path/to/csi.sock or tcp://host:port (env CSI_ENDPOINT)")
     p.add_argument("--node-id", default=os.environ.get("NODE_ID") or socket.gethostname(),
@@ -43,12 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=16, help="concurrent RPCs")
     p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--metrics-address", default=os.environ.get("BERTH_METRICS_ADDRESS", ""),
+                   metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (env "
+                   "BERTH_METRICS_ADDRESS; ':9808' for every interface; default: off)")
     p.add_argument("--slow-rpc-seconds", type=float, default=10.0,
                    help="an RPC that takes longer also gets a WARNING line (default 10)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        from .check import main as check
+
+        return check(argv[1:])
     args = build_parser().parse_args(argv)
     # [rid]: the request id of the RPC a line comes from, wherever in the driver it is logged.
     logging.basicConfig(level=args.log_level,
@@ -75,10 +87,27 @@ def main(argv: list[str] | None = None) -> int:
         driver = Driver.from_settings(settings, args.node_id, args.kubelet_dir,
                                       controller=args.mode != "node",
                                       serves_node=args.mode != "controller", segments=segments)
-        server = Server(driver, endpoint, args.mode, args.workers,
-                        slow_ms=args.slow_rpc_seconds * 1000)
-        server.run_until_signalled()
     except (ConfigError, EndpointError) as exc:
+        print(f"csi-driver: {exc}", file=sys.stderr)
+        return 2
+    metrics = None
+    if args.metrics_address:
+        from .metrics import Metrics
+
+        metrics = Metrics(settings.driver_name)
+        try:
+            metrics.serve(args.metrics_address)
+        except (ValueError, OSError) as exc:  # not host:port, or the port is taken
+            print(f"csi-driver: --metrics-address {args.metrics_address}: "
+                  f"{getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+            return 2
+        for backend in driver.backends.values():
+            metrics.instrument(backend)
+    try:
+        server = Server(driver, endpoint, args.mode, args.workers,
+                        slow_ms=args.slow_rpc_seconds * 1000, observer=metrics)
+        server.run_until_signalled()
+    except EndpointError as exc:
         print(f"csi-driver: {exc}", file=sys.stderr)
         return 2
     return 0

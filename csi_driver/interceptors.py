@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -53,9 +53,18 @@ def _decode(deserialize: Callable[[bytes], Any] | None, raw: bytes) -> Any:
         raise InvalidArgument(f"malformed request: {exc}") from None
 
 
+class RpcObserver(Protocol):
+    """What counts RPCs (metrics.Metrics, when metrics are on)."""
+
+    def rpc_started(self, method: str) -> None: ...
+
+    def rpc_finished(self, method: str, code: grpc.StatusCode, seconds: float) -> None: ...
+
+
 class RpcInterceptor(grpc.ServerInterceptor):
-    def __init__(self, slow_ms: float = 10_000.0) -> None:
+    def __init__(self, slow_ms: float = 10_000.0, observer: RpcObserver | None = None) -> None:
         self.slow_ms = slow_ms  # an RPC this long also gets a WARNING line
+        self.observer = observer
 
     def intercept_service(
         self,
@@ -74,6 +83,8 @@ class RpcInterceptor(grpc.ServerInterceptor):
             token = requestid.current.set(rid)
             start = time.perf_counter()
             code, detail = grpc.StatusCode.OK, ""
+            if self.observer is not None:
+                self.observer.rpc_started(method)
             try:
                 request = _decode(deserialize, raw)
                 if log.isEnabledFor(logging.DEBUG):
@@ -90,6 +101,8 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 detail = f"internal error (request id {rid}); the driver log has the details"
             finally:
                 ms = (time.perf_counter() - start) * 1000
+                if self.observer is not None:
+                    self.observer.rpc_finished(method, code, ms / 1000)
                 log.info("rpc=%s id=%s status=%s duration_ms=%.2f%s", method, rid, code.name,
                          ms, f" error={detail!r}" if detail else "")
                 if ms >= self.slow_ms:

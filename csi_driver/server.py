@@ -17,7 +17,7 @@ import grpc
 from .csi import csi_pb2_grpc as pb_grpc
 from .driver import Driver
 from .errors import CsiError
-from .interceptors import RpcInterceptor
+from .interceptors import RpcInterceptor, RpcObserver
 from .services.controller import ControllerService
 from .services.group_controller import GroupControllerService
 from .services.identity import IdentityService
@@ -68,13 +68,14 @@ def _clear_stale_socket(path: str) -> None:
 
 class Server:
     def __init__(self, driver: Driver, endpoint: Endpoint, mode: str = "all",
-                 workers: int = 16, slow_ms: float = 10_000.0) -> None:
+                 workers: int = 16, slow_ms: float = 10_000.0,
+                 observer: RpcObserver | None = None) -> None:
         self.driver = driver
         self.endpoint = endpoint
         self._stop = threading.Event()
         self._grpc = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-            interceptors=[RpcInterceptor(slow_ms)],
+            interceptors=[RpcInterceptor(slow_ms, observer)],
         )
         controller = mode in ("all", "controller")
         pb_grpc.add_IdentityServicer_to_server(IdentityService(driver, controller), self._grpc)

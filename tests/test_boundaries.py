@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "csi_driver"
-FOUNDATION = {"errors", "capability", "ids", "locks", "quantity", "faults", "requestid"}
+FOUNDATION = {"errors", "capability", "ids", "locks", "quantity", "faults", "requestid",
+              "metrics"}
 # (layer prefix, prefixes it must not import)
 RULES = [
     ("csi_driver.node", ("csi_driver.backends", "csi_driver.services", "csi_driver.csi",

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 
-from ... import errors, faults, ids
+from ... import errors, faults, ids, metrics
 from ..base import (
     AccessMode,
     Attachment,
@@ -68,6 +68,8 @@ class NfsBackend(Backend[NfsConfig]):
         self.copies = Copies(name, self.access)
         self.trash = Trash(name, self.access, self.copies)
         self.attacher = Attacher(name, self.access, node)
+        metrics.report_queue(name, "copies", self.copies.jobs.running)
+        metrics.report_queue(name, "trash", lambda: self.trash.waiting)
 
     # -- both sides ----------------------------------------------------------------------
     def start(self) -> None:

@@ -57,6 +57,10 @@ class Jobs:
                          daemon=True).start()
         return job
 
+    def running(self) -> int:
+        with self._lock:
+            return sum(1 for j in self._jobs.values() if not j.done.is_set())
+
     def copying_from(self, source: str) -> bool:
         """Whether a copy of volume `source` is still running (publishing it would tear it)."""
         with self._lock:

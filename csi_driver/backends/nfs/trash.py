@@ -24,6 +24,7 @@ class Trash:
         self.access = access
         self.copies = copies
         self._wake = threading.Event()
+        self.waiting = 0  # entries the last round found in the trash (for metrics)
 
     def start(self, conn: Connection) -> None:
         """In the controller only (one, by leader election): at its start whatever a killed
@@ -59,8 +60,11 @@ class Trash:
             try:
                 conn = conn or self.access.connect()
                 self.copies.sweep(conn)
-                for name, _ in conn.listdir(share.TRASH):
+                entries = conn.listdir(share.TRASH)
+                self.waiting = len(entries)
+                for name, _ in entries:
                     remove_tree(conn, f"{share.TRASH}/{name}")
+                    self.waiting -= 1
             except NfsError:
                 if conn is not None:  # the server is away: reconnect next round
                     conn.close()

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ... import errors, faults, ids
+from ... import errors, faults, ids, metrics
 from ..base import (
     NO_SECRETS,
     SINGLE_NODE_MODES,
@@ -61,6 +61,7 @@ class RbdBackend(Backend[RbdConfig]):
         self.attacher = Attacher(config)
         self.purger = images.Purger(self.cluster.call,
                                     (config.volumeNamePrefix, config.snapshotNamePrefix))
+        metrics.report_queue(name, "purge", self.purger.waiting)
         self._sweep_later: set[Credentials] = set()
         self._swept: set[Credentials] = set()
 

@@ -261,6 +261,10 @@ class Purger:
             threading.Thread(target=self._run, name=f"rbd-purger-{n}", daemon=True).start()
         threading.Thread(target=self._timer, name="rbd-purge-timer", daemon=True).start()
 
+    def waiting(self) -> int:
+        """Images queued, being purged, or waiting on a dependent clone."""
+        return len(self._pending)
+
     def add(self, creds: Any, iid: str) -> None:
         with self._lock:
             if iid in self._pending:
