@@ -97,16 +97,17 @@ class Server:
                 log.warning("backend %s is not ready yet: %s", name, exc.message)
 
     def start(self) -> None:
-        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
         path = self.endpoint.socket_path
         if path:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _clear_stale_socket(path)
-            old = os.umask(0o117)  # the socket is born 0660: kubelet and sidecars share a group
+            # The socket is born 0660 (kubelet and the sidecars share a group). The umask is the
+            # process's: it is set only while the socket is bound, before any RPC or backend
+            # start-up runs (under it hostPath made its directories 0600).
+            old = os.umask(0o117)
         try:
             if self._grpc.add_insecure_port(self.endpoint.grpc_address) == 0:
                 raise EndpointError(f"cannot listen on {self.endpoint.grpc_address}")
-            self._grpc.start()
         except RuntimeError as exc:
             raise EndpointError(f"cannot listen on {self.endpoint.grpc_address}: {exc}") from None
         finally:
@@ -114,6 +115,8 @@ class Server:
                 os.umask(old)
         if path:
             os.chmod(path, 0o660)
+        self._grpc.start()
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
         log.info("serving CSI %s on %s (node %s)", self.driver.settings.driver_name,
                  self.endpoint.grpc_address, self.driver.node.node_id)
 

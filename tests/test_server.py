@@ -235,3 +235,19 @@ def test_threads_started_for_a_request_keep_its_id() -> None:
     finally:
         requestid.current.reset(token)
     assert sorted(seen) == ["-", "abc-1"]
+
+
+def test_first_start_makes_the_store_with_its_own_modes(tmp_path: Path) -> None:
+    """The socket's umask (0117) is the process's: backends starting while it was set made
+    hostPath's directories 0600, which a non-root driver then could not enter."""
+    for attempt in range(3):
+        data, run = tmp_path / f"fresh-{attempt}", tmp_path / f"run-{attempt}"
+        run.mkdir()
+        d = start_driver(run, None, data_dir=data)
+        try:
+            d.identity.Probe(pb.ProbeRequest(), timeout=10)
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in data.rglob("*")
+                     if p.is_dir()}
+            assert modes and set(modes.values()) == {0o711}, modes
+        finally:
+            assert d.stop() == 0

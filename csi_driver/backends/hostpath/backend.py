@@ -34,7 +34,7 @@ from ..base import (
 )
 from .attach import Attacher
 from .config import HostPathConfig
-from .store import BLOCK, DIRECTORY, IMAGE, IMAGE_FILE, GroupRecord, Record, Store
+from .store import BLOCK, DIRECTORY, IMAGE, IMAGE_FILE, XATTR, GroupRecord, Record, Store
 
 MiB = 1 << 20
 MUTABLE = {"readOnly": ("true", "false")}
@@ -79,6 +79,17 @@ class HostPathBackend(Backend[HostPathConfig]):
             raise errors.Unavailable(
                 f"hostpath backend {self.name!r} cannot use {self.store.root}: {exc.strerror}"
             ) from exc
+        try:  # records are extended attributes: say so now, not at the first CreateVolume
+            os.setxattr(self.store.volumes, XATTR, b"{}")
+            os.removexattr(self.store.volumes, XATTR)
+        except OSError as exc:
+            hint = {errno.EPERM: " (trusted.* attributes need CAP_SYS_ADMIN: run the driver "
+                                 "privileged, or as a non-root user, which uses user.*)",
+                    errno.ENOTSUP: " (the filesystem takes no extended attributes)"
+                    }.get(exc.errno or 0, "")
+            raise errors.Unavailable(
+                f"hostpath backend {self.name!r} cannot set the extended attribute {XATTR} in "
+                f"{self.store.root}: {exc.strerror}{hint}") from exc
         with self._sizes_lock:
             self._sizes = {i: r.size for i, r in self._records(self.store.volumes)}
         # A kill during a snapshot copy leaves the source frozen: writers would hang forever.
