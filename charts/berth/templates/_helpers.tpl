@@ -1,0 +1,122 @@
+{{/* Names, labels and the decisions every template shares. */}}
+
+{{- define "berth.name" -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "berth.labels" -}}
+app.kubernetes.io/name: berth
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "berth.selector" -}}
+app.kubernetes.io/name: berth
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "berth.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "berth.configSecret" -}}
+{{- .Values.existingConfigSecret | default (printf "%s-config" (include "berth.name" .)) -}}
+{{- end -}}
+
+{{/* The backend types the config names ("" when an existing Secret holds the config). */}}
+{{- define "berth.types" -}}
+{{- $types := list -}}
+{{- range $name, $backend := .Values.config.backends -}}
+{{- $types = append $types (required (printf "config.backends.%s.type is required" $name) $backend.type) -}}
+{{- end -}}
+{{- $types | uniq | sortAlpha | join "," -}}
+{{- end -}}
+
+{{/* "true" when the CSIDriver must say attachRequired (a backend of a type that attaches). */}}
+{{- define "berth.attach" -}}
+{{- $mode := toString .Values.csiDriver.attachRequired -}}
+{{- if eq $mode "auto" -}}
+{{- $types := splitList "," (include "berth.types" .) -}}
+{{- if or (has "nfs" $types) (has "rbd" $types) -}}true{{- else -}}false{{- end -}}
+{{- else if or (eq $mode "true") (eq $mode "false") -}}
+{{- $mode -}}
+{{- else -}}
+{{- fail "csiDriver.attachRequired must be auto, true or false" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A release is either node-local (hostPath only) or shared (no hostPath): one driver name
+     cannot have both a provisioner per node and a central one. */}}
+{{- define "berth.checkMode" -}}
+{{- if not .Values.existingConfigSecret -}}
+{{- if not .Values.config.backends -}}
+{{- fail "config.backends is empty: configure at least one backend (see examples/)" -}}
+{{- end -}}
+{{- $types := splitList "," (include "berth.types" .) -}}
+{{- if and .Values.nodeLocal (or (has "nfs" $types) (has "rbd" $types)) -}}
+{{- fail "nodeLocal: true serves hostpath backends only; put nfs and rbd backends in a release of their own" -}}
+{{- end -}}
+{{- if and (not .Values.nodeLocal) (has "hostpath" $types) -}}
+{{- fail "hostpath volumes live on each node: install them in a release of their own with nodeLocal: true and another driverName (see examples/hostpath.yaml)" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where kubelet finds the node plugin's socket. */}}
+{{- define "berth.pluginDir" -}}
+{{ .Values.kubeletDir }}/plugins/{{ .Values.driverName }}
+{{- end -}}
+
+{{/* Sidecars: restricted, read-only root, no capabilities. */}}
+{{- define "berth.sidecarSecurity" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 65532
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: [ALL]
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{- define "berth.secretMounts" -}}
+{{- range .Values.secretMounts }}
+- name: secret-{{ .name }}
+  mountPath: {{ .mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Read by the controller's group (fsGroup 10001) and by root on the nodes. */}}
+{{- define "berth.secretVolumes" -}}
+{{- range .Values.secretMounts }}
+- name: secret-{{ .name }}
+  secret:
+    secretName: {{ .name }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{/* hostPath backends keep their volumes in a directory of the node: mounted at the same path. */}}
+{{- define "berth.hostpathMounts" -}}
+{{- range $name, $b := .Values.config.backends }}
+{{- if eq $b.type "hostpath" }}
+- name: hostpath-{{ $name }}
+  mountPath: {{ required (printf "config.backends.%s.path is required" $name) $b.path }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "berth.hostpathVolumes" -}}
+{{- range $name, $b := .Values.config.backends }}
+{{- if eq $b.type "hostpath" }}
+- name: hostpath-{{ $name }}
+  hostPath:
+    path: {{ $b.path }}
+    type: DirectoryOrCreate
+{{- end }}
+{{- end }}
+{{- end -}}

