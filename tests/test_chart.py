@@ -370,3 +370,18 @@ def test_trivy_finds_nothing_unjustified(example: str, tmp_path: Path) -> None:
     ids = {(r["Target"], m["ID"]) for r in yaml.safe_load(bare.stdout)["Results"]
            for m in r.get("Misconfigurations") or []}
     assert ("templates/node.yaml", "KSV017") in ids
+
+
+def test_controller_as_root_for_secure_nfs_exports(helm_env: dict[str, str]) -> None:
+    done = render(helm_env, "nfs", KUBE_VERSIONS[0], "controller.runAsRoot=true")
+    assert done.returncode == 0, done.stderr
+    docs = objects(done.stdout)
+    deployment = kind(docs, "Deployment")[0]
+    kubernetes_validate.validate(deployment, KUBE_VERSIONS[0], strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 0
+    caps = _containers(deployment)["driver"]["securityContext"]["capabilities"]
+    assert caps == {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}
+    # The sidecars stay non-root.
+    assert all(c["securityContext"].get("runAsNonRoot") for n, c in
+               _containers(deployment).items() if n != "driver")
