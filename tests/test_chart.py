@@ -385,3 +385,17 @@ def test_controller_as_root_for_secure_nfs_exports(helm_env: dict[str, str]) -> 
     # The sidecars stay non-root.
     assert all(c["securityContext"].get("runAsNonRoot") for n, c in
                _containers(deployment).items() if n != "driver")
+
+
+def test_existing_config_secret(helm_env: dict[str, str]) -> None:
+    base = ("existingConfigSecret=my-config", "config.backends=null", "storageClasses=null")
+    refused = render(helm_env, "nfs", KUBE_VERSIONS[-1], *base)
+    assert refused.returncode != 0 and "csiDriver.attachRequired" in refused.stderr
+    done = render(helm_env, "nfs", KUBE_VERSIONS[-1], *base, "csiDriver.attachRequired=true")
+    assert done.returncode == 0, done.stderr
+    docs = objects(done.stdout)
+    assert not [s for s in kind(docs, "Secret") if s["metadata"]["name"].endswith("-config")]
+    for workload in (*kind(docs, "Deployment"), *kind(docs, "DaemonSet")):
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["config"]["secret"]["secretName"] == "my-config"
+    assert kind(docs, "CSIDriver")[0]["spec"]["attachRequired"] is True

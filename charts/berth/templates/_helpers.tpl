@@ -37,6 +37,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/* "true" when the CSIDriver must say attachRequired (a backend of a type that attaches). */}}
 {{- define "berth.attach" -}}
 {{- $mode := toString .Values.csiDriver.attachRequired -}}
+{{- if and (eq $mode "auto") .Values.existingConfigSecret -}}
+{{- fail "existingConfigSecret: the chart cannot read that Secret, so set csiDriver.attachRequired to true (nfs, rbd backends) or false (hostpath only)" -}}
+{{- end -}}
 {{- if eq $mode "auto" -}}
 {{- $types := splitList "," (include "berth.types" .) -}}
 {{- if or (has "nfs" $types) (has "rbd" $types) -}}true{{- else -}}false{{- end -}}
