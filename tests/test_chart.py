@@ -399,3 +399,61 @@ def test_existing_config_secret(helm_env: dict[str, str]) -> None:
         volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
         assert volumes["config"]["secret"]["secretName"] == "my-config"
     assert kind(docs, "CSIDriver")[0]["spec"]["attachRequired"] is True
+
+
+def _host_ports(docs: list[dict[str, Any]]) -> set[int]:
+    ds = kind(docs, "DaemonSet")[0]
+    assert ds["spec"]["template"]["spec"]["hostNetwork"] is True
+    ports = {p["containerPort"] for c in _containers(ds).values() for p in c.get("ports", [])}
+    for c in _containers(ds).values():  # every port a sidecar listens on is declared
+        for arg in c.get("args", []):
+            if arg.startswith("--http-endpoint=:"):
+                assert int(arg.rsplit(":", 1)[1]) in ports, (c["name"], arg)
+    return ports
+
+
+def test_node_sidecars_reach_the_root_socket(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The driver's socket is root:root 0660: the node's non-root sidecars are in group 0."""
+    for docs in rendered.values():
+        for name, c in _containers(kind(docs, "DaemonSet")[0]).items():
+            sc = c.get("securityContext", {})
+            if sc.get("runAsUser", 0) != 0:
+                assert sc["runAsGroup"] == 0, name
+
+
+def test_two_releases_on_one_node_use_other_host_ports(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    local = _host_ports(rendered["hostpath"])
+    for shared in ("nfs", "rbd"):
+        assert not local & _host_ports(rendered[shared]), shared
+
+
+@pytest.mark.parametrize("sets, words", [
+    (("storageClasses[0].name=x", "storageClasses[0].backend=local",
+      "storageClasses[0].allowVolumeExpansion=true"), "cannot expand volumes"),
+    (("config.backends.local.path=/srv/volumes",), "must lie under /var/lib/berth"),
+])
+def test_node_local_limits(helm_env: dict[str, str], sets: tuple[str, ...], words: str) -> None:
+    done = render(helm_env, "hostpath", KUBE_VERSIONS[-1], *sets)
+    assert done.returncode != 0 and words in done.stderr
+
+
+def test_node_local_classes_do_not_offer_expansion(
+        rendered: dict[str, list[dict[str, Any]]]) -> None:
+    assert all(sc["allowVolumeExpansion"] is False for sc in kind(rendered["hostpath"],
+                                                                  "StorageClass"))
+    assert all(sc["allowVolumeExpansion"] is True for sc in kind(rendered["nfs"], "StorageClass"))
+
+
+def test_each_sidecars_rbac_stands_alone(helm_env: dict[str, str]) -> None:
+    """The attacher's and the resizer's rules do not lean on the provisioner's."""
+    done = render(helm_env, "nfs", KUBE_VERSIONS[-1], "sidecars.provisioner.enabled=false",
+                  "sidecars.snapshotter.enabled=false")
+    assert done.returncode == 0, done.stderr
+    docs = objects(done.stdout)
+    deployment = kind(docs, "Deployment")[0]
+    granted = _granted(docs, deployment["spec"]["template"]["spec"]["serviceAccountName"])
+    assert {"csi-attacher", "csi-resizer"} <= set(_containers(deployment))
+    for sidecar in ("csi-attacher", "csi-resizer"):
+        for key, verbs in NEEDS[sidecar].items():
+            assert verbs <= granted.get(key, set()), (sidecar, key)

@@ -61,6 +61,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and .Values.nodeLocal (or (has "nfs" $types) (has "rbd" $types)) -}}
 {{- fail "nodeLocal: true serves hostpath backends only; put nfs and rbd backends in a release of their own" -}}
 {{- end -}}
+{{- include "berth.checkHostpathPaths" . -}}
 {{- if and (not .Values.nodeLocal) (has "hostpath" $types) -}}
 {{- fail "hostpath volumes live on each node: install them in a release of their own with nodeLocal: true and another driverName (see examples/hostpath.yaml)" -}}
 {{- end -}}
@@ -77,6 +78,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 securityContext:
   runAsNonRoot: true
   runAsUser: 65532
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: [ALL]
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{/* The node plugin's sidecars: not root, but in group 0, which owns the root driver's 0660
+     socket. */}}
+{{- define "berth.nodeSidecarSecurity" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 65532
+  runAsGroup: 0
   allowPrivilegeEscalation: false
   readOnlyRootFilesystem: true
   capabilities:
@@ -103,23 +119,12 @@ securityContext:
 {{- end }}
 {{- end -}}
 
-{{/* hostPath backends keep their volumes in a directory of the node: mounted at the same path. */}}
-{{- define "berth.hostpathMounts" -}}
+{{/* hostPath backends keep their volumes under /var/lib/berth, which the node plugin mounts
+     (Bidirectional): a mount of their own nested in it would leak onto the host. */}}
+{{- define "berth.checkHostpathPaths" -}}
 {{- range $name, $b := .Values.config.backends }}
-{{- if eq $b.type "hostpath" }}
-- name: hostpath-{{ $name }}
-  mountPath: {{ required (printf "config.backends.%s.path is required" $name) $b.path }}
-{{- end }}
-{{- end }}
-{{- end -}}
-
-{{- define "berth.hostpathVolumes" -}}
-{{- range $name, $b := .Values.config.backends }}
-{{- if eq $b.type "hostpath" }}
-- name: hostpath-{{ $name }}
-  hostPath:
-    path: {{ $b.path }}
-    type: DirectoryOrCreate
+{{- if and (eq $b.type "hostpath") (not (hasPrefix "/var/lib/berth/" (printf "%s/" (required (printf "config.backends.%s.path is required" $name) $b.path)))) }}
+{{- fail (printf "config.backends.%s.path must lie under /var/lib/berth (the node plugin's state directory), not %s" $name $b.path) }}
 {{- end }}
 {{- end }}
 {{- end -}}
