@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -96,15 +96,18 @@ def _reachable(backend: Backend[Any], requisite: Sequence[Segments]) -> bool:
         _within(backend.segments, t) for t in requisite)
 
 
+def _only(given: Iterable[str], allowed: frozenset[str], what: str) -> None:
+    """INVALID_ARGUMENT naming the keys of `given` outside `allowed`, and the allowed ones."""
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise errors.InvalidArgument(
+            f"{what}: {', '.join(unknown)}; it accepts: {', '.join(sorted(allowed)) or 'none'}")
+
+
 def _check_mutable(backend: Backend[Any], mutable: dict[str, str]) -> None:
     """Only the keys the backend lets change: at CreateVolume as at ControllerModifyVolume."""
-    unknown = sorted(set(mutable) - backend.features.mutable_parameters)
-    if unknown:
-        allowed = ", ".join(sorted(backend.features.mutable_parameters)) or "none"
-        raise errors.InvalidArgument(
-            f"parameter(s) {', '.join(unknown)} cannot be modified on backend "
-            f"{backend.name!r}; mutable: {allowed}"
-        )
+    _only(mutable, backend.features.mutable_parameters,
+          f"parameter(s) that cannot be modified on backend {backend.name!r}")
 
 
 class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
@@ -151,13 +154,8 @@ class ControllerService(SnapshotRPCs, AttachRPCs, pb_grpc.ControllerServicer):
         own = parameters.own(request.parameters)
         capabilities.require_supported(backend, caps, own)
         source = _source(request, backend_name, backend)
-        unknown = sorted(set(own) - backend.features.parameters)
-        if unknown:
-            known = ", ".join(sorted(backend.features.parameters)) or "none"
-            raise errors.InvalidArgument(
-                f"unknown parameter(s) {', '.join(unknown)} for backend {backend_name!r} "
-                f"({backend.type_name}); it accepts: {known}"
-            )
+        _only(own, backend.features.parameters,
+              f"unknown parameter(s) for backend {backend_name!r} ({backend.type_name})")
         mutable = dict(request.mutable_parameters)
         _check_mutable(backend, mutable)
         size = _size_for(request.capacity_range, backend)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import grpc
@@ -60,18 +59,17 @@ class SnapshotRPCs:
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
                       ) -> pb.ListSnapshotsResponse:
         snapshots: list[tuple[str, pb.Snapshot]] = []
-        # Each filter narrows the backends asked, and what they are asked for.
-        wanted: dict[str, Query] = {
-            name: Query(secrets=request.secrets) for name, b in self.driver.backends.items()
-            if b.features.snapshots}
-        for raw, by_id in ((request.snapshot_id, True), (request.source_volume_id, False)):
-            parsed = ids.parse(raw) if raw else None
-            if raw:
-                wanted = {n: dataclasses.replace(q, local_id=parsed.local) if by_id
-                          else dataclasses.replace(q, source_volume=parsed.local)
-                          for n, q in wanted.items() if parsed and n == parsed.backend}
-        for name, query in wanted.items():
-            listed = self.driver.ready(self.driver.backends[name]).list_snapshots(query)
+        # Each filter narrows the backends asked (an ID names its backend), and what they list.
+        snap = ids.parse(request.snapshot_id) if request.snapshot_id else None
+        source = ids.parse(request.source_volume_id) if request.source_volume_id else None
+        for name, backend in self.driver.backends.items():
+            if (not backend.features.snapshots
+                    or (request.snapshot_id and (snap is None or snap.backend != name))
+                    or (request.source_volume_id and (source is None or source.backend != name))):
+                continue
+            query = Query(secrets=request.secrets, local_id=snap.local if snap else "",
+                          source_volume=source.local if source else "")
+            listed = self.driver.ready(backend).list_snapshots(query)
             snapshots += [(m.snapshot_id, m)
                           for m in (convert.snapshot_pb(name, s) for s in listed)]
         if request.snapshot_id:
