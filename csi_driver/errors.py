@@ -59,3 +59,11 @@ class Unimplemented(CsiError):
 
 class Internal(CsiError):
     code = grpc.StatusCode.INTERNAL
+
+
+class Unauthenticated(CsiError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class DeadlineExceeded(CsiError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

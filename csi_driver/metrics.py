@@ -8,6 +8,8 @@
   berth_backend_operation_errors_total{backend, operation, grpc_status_code}
   berth_background_queue{backend, queue}
       work a backend does beside the RPCs: copies running, trash waiting, images to purge
+  berth_backend_requests_total{backend, service}
+      requests a backend sent to a remote API (Cinder's, Nova's), which may bill or throttle them
 
 No label carries a volume name, an ID or anything from a request's secrets: the label values are
 method, backend and status names only, so the series stay few and say nothing private.
@@ -37,6 +39,15 @@ _queues: dict[tuple[str, str], Callable[[], int]] = {}
 _queues_lock = threading.Lock()
 
 
+_requests: dict[tuple[str, str], int] = {}
+
+
+def count_request(backend: str, service: str) -> None:
+    """One more request from `backend` to the remote `service` (no I/O, no prometheus)."""
+    with _queues_lock:
+        _requests[(backend, service)] = _requests.get((backend, service), 0) + 1
+
+
 def report_queue(backend: str, queue: str, size: Callable[[], int]) -> None:
     """Have `size()` (cheap, no I/O: it runs at every scrape) reported as the backend's queue."""
     with _queues_lock:
@@ -52,7 +63,7 @@ def code_name(code: Any) -> str:
 class Metrics:
     def __init__(self, driver_name: str) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         self.driver_name = driver_name
         self.registry = CollectorRegistry(auto_describe=True)
@@ -72,7 +83,7 @@ class Metrics:
                                       registry=self.registry)
 
         class Queues:
-            def collect(self) -> Iterator[GaugeMetricFamily]:
+            def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
                 family = GaugeMetricFamily("berth_background_queue",
                                            "Work a backend does beside the RPCs",
                                            labels=("backend", "queue"))
@@ -84,6 +95,14 @@ class Metrics:
                     except Exception:  # a broken callback must not break the scrape
                         continue
                 yield family
+                sent = CounterMetricFamily("berth_backend_requests",
+                                           "Requests a backend sent to a remote API",
+                                           labels=("backend", "service"))
+                with _queues_lock:
+                    counts = list(_requests.items())
+                for (backend, service), count in counts:
+                    sent.add_metric((backend, service), count)
+                yield sent
 
         self.registry.register(Queues())
 

@@ -24,6 +24,7 @@ BUILTIN = {
     "hostpath": "csi_driver.backends.hostpath:HostPathBackend",
     "nfs": "csi_driver.backends.nfs:NfsBackend",
     "rbd": "csi_driver.backends.rbd:RbdBackend",
+    "cinder": "csi_driver.backends.cinder:CinderBackend",
 }
 
 

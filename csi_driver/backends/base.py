@@ -314,6 +314,17 @@ class Backend(ABC, Generic[C]):
             **config.topology,
             **({node.topology_key: node.node_id} if self.features.node_local else {})}
 
+    @property
+    def topology_keys(self) -> frozenset[str]:
+        """The keys NodeGetInfo reports for this backend: those of its fixed segments, and
+        for a backend that places each volume (a zone per volume) the keys it places by."""
+        return frozenset(self.segments)
+
+    def node_segments(self) -> Segments:
+        """Segments of this node the backend can learn itself (its zone, from a cloud's
+        metadata service); the node's --topology wins."""
+        return {}
+
     # -- both sides ---------------------------------------------------------------------
     def start(self) -> None:
         """The one start-up hook: the driver calls it before the backend's first use, and

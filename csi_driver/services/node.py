@@ -379,8 +379,10 @@ class NodeService(pb_grpc.NodeServicer):
                     self._register_later(backend)
         # The node's own segments for every key a backend places volumes by (its zone, say),
         # and always the node itself.
-        keys = {k for b in self.driver.backends.values() for k in b.segments}
-        segments = {k: v for k, v in node.segments.items() if k in keys}
+        keys = {k for b in self.driver.backends.values() for k in b.topology_keys}
+        learned = {k: v for b in self.driver.backends.values()
+                   for k, v in b.node_segments().items()}
+        segments = {k: v for k, v in {**learned, **node.segments}.items() if k in keys}
         return pb.NodeGetInfoResponse(
             node_id=node.node_id,
             max_volumes_per_node=self._max_volumes(),
