@@ -63,7 +63,9 @@ class Attacher:
                    f"forgetting the attachment to node {node_id}", missing_ok=True)
 
     def attach(self, api: Api, local_id: str, attachment: Attachment) -> Mapping[str, str]:
-        data = self._volume(api, local_id)
+        data = self.backend.recent(api, local_id)
+        if data is None:
+            raise errors.NotFound(f"volume {self.backend.name}:{local_id} does not exist")
         current = records.attachments(data.get("metadata") or {}).get(attachment.node_id)
         if self.config.attach == "nova":
             return self._nova_attach(api, data, attachment, current)

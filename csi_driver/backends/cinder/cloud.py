@@ -238,11 +238,19 @@ class Backoff:
         self._lock = threading.Lock()
         self._typical: dict[str, float] = {}
 
+    def typical(self, kind: str) -> float:
+        with self._lock:
+            return self._typical.get(kind, 0.1)
+
+    def learn(self, kind: str, took: float) -> None:
+        with self._lock:
+            old = self._typical.get(kind)
+            self._typical[kind] = took if old is None else 0.7 * old + 0.3 * took
+
     def wait(self, kind: str, deadline: float, look: Callable[[], Any],
              done: Callable[[Any], bool], what: str) -> Any:
         started = time.monotonic()
-        with self._lock:
-            delay = self._typical.get(kind, 0.1) * 0.9
+        delay = self.typical(kind) * 0.9
         step = 0.02
         while True:
             left = deadline - time.monotonic()
@@ -253,9 +261,6 @@ class Backoff:
             time.sleep(min(max(delay, 0.005), left))
             found = look()
             if done(found):
-                took = time.monotonic() - started
-                with self._lock:
-                    old = self._typical.get(kind)
-                    self._typical[kind] = took if old is None else 0.7 * old + 0.3 * took
+                self.learn(kind, time.monotonic() - started)
                 return found
             delay, step = step, min(step * 1.6, 2.0)
