@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -33,9 +33,11 @@ from csi_driver.csi import csi_pb2_grpc as pb_grpc
 
 from .ceph.cluster import CephCluster
 from .conftest import needs_root, status_of
-from .harness import NODE_ID, Driver, MiB, block_cap, mount_cap, start_driver, write_config
+from .harness import NODE_ID, Driver, GiB, MiB, block_cap, mount_cap, start_driver, write_config
 from .nfs.fixtures import GUEST_NODE_ID, GuestNode
 from .nfs.guest import Guest
+from .openstack.fixtures import OpenStack
+from .test_cinder import backend_config as cinder_config
 
 pytestmark = needs_root
 Code = grpc.StatusCode
@@ -49,9 +51,10 @@ WAIT = 60  # seconds any one RPC may take (an NFS mount in the guest takes about
 @dataclass(frozen=True)
 class Layout:
     id: str
-    system: str  # hostpath, rbd or nfs
+    system: str  # hostpath, rbd, nfs or cinder
     params: tuple[tuple[str, str], ...]
     block: bool = False
+    size: int = 16 * MiB  # what the tests ask for (Cinder volumes come in whole GiB)
 
     @property
     def attaches(self) -> bool:
@@ -74,6 +77,8 @@ LAYOUTS = [
     Layout("rbd-block", "rbd", (("backend", "ceph"),), block=True),
     Layout("nfs-directory", "nfs", (("backend", "nfs"), ("volumeLayout", "directory"))),
     Layout("nfs-image", "nfs", (("backend", "nfs"), ("volumeLayout", "image"))),
+    Layout("cinder-mount", "cinder", (("backend", "os"),), size=GiB),
+    Layout("cinder-block", "cinder", (("backend", "os"),), block=True, size=GiB),
 ]
 ALL = [pytest.param(x, id=x.id) for x in LAYOUTS]
 ATTACHING = [pytest.param(x, id=x.id) for x in LAYOUTS if x.attaches]
@@ -126,6 +131,8 @@ class Env:
     secrets: dict[str, str]
     node1: NodeSide
     _second: Callable[[], NodeSide]
+    # What ControllerPublish answered, by (volume ID, node ID): the node's stage gets it.
+    contexts: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
 
     @property
     def cap(self) -> pb.VolumeCapability:
@@ -198,6 +205,34 @@ def spec_rbd_node2(ceph_cluster: CephCluster, tmp_path_factory: pytest.TempPathF
     assert d.stop() == 0, d.log()
 
 
+CINDER_NODE_2 = "spec-cinder-node-2"
+
+
+@pytest.fixture(scope="session")
+def spec_cinder(openstack_cloud: OpenStack, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Driver]:
+    """The Cinder backend `os` in `cinder` attach mode (tests/test_cinder.py's configuration):
+    the controller and the first node, which connects rbd attachments with rbd-fuse."""
+    tmp = tmp_path_factory.mktemp("spec-cinder")
+    config = cinder_config(openstack_cloud, tmp, nodes={NODE_ID: {}, CINDER_NODE_2: {}},
+                           availabilityZones=["az1"], volumeType="ceph1")
+    d = start_driver(tmp, write_config(tmp / "c.yaml", {"os": config}))
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+@pytest.fixture(scope="session")
+def spec_cinder_node2(openstack_cloud: OpenStack, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[Driver]:
+    tmp = tmp_path_factory.mktemp("spec-cinder-node2")
+    config = cinder_config(openstack_cloud, tmp, nodes={NODE_ID: {}, CINDER_NODE_2: {}},
+                           availabilityZones=["az1"], volumeType="ceph1")
+    d = start_driver(tmp, write_config(tmp / "c.yaml", {"os": config}),
+                     "--node-id", CINDER_NODE_2, "--mode", "node")
+    yield d
+    assert d.stop() == 0, d.log()
+
+
 @pytest.fixture(scope="session")
 def outside_dir() -> Iterator[str]:
     """An existing directory that is not beneath the kubelet directory (the temporary
@@ -233,6 +268,16 @@ def env(request: pytest.FixtureRequest, tmp_path: Path, vname: str, outside_dir:
                             _host_shell)
 
         return Env(layout, d, "ceph", rbd_secrets(cluster), host, rbd_second)
+    if layout.system == "cinder":
+        d = request.getfixturevalue("spec_cinder")
+        host = NodeSide(NODE_ID, d.node, str(tmp_path / "n1"), outside_dir, _host_shell)
+
+        def cinder_second() -> NodeSide:
+            other: Driver = request.getfixturevalue("spec_cinder_node2")
+            return NodeSide(CINDER_NODE_2, other.node, str(tmp_path / "n2"), outside_dir,
+                            _host_shell)
+
+        return Env(layout, d, "os", {}, host, cinder_second)
     assert layout.system == "nfs"
     d = request.getfixturevalue("nfs_driver")
     guest: Guest = request.getfixturevalue("guest")
@@ -255,7 +300,8 @@ def env(request: pytest.FixtureRequest, tmp_path: Path, vname: str, outside_dir:
 
 
 # -- requests -------------------------------------------------------------------------------
-def create(env: Env, name: str, size: int = 16 * MiB) -> pb.Volume:
+def create(env: Env, name: str, size: int = 0) -> pb.Volume:
+    size = size or env.layout.size
     answer: pb.CreateVolumeResponse = env.controller.controller.CreateVolume(
         pb.CreateVolumeRequest(
             name=name, capacity_range=pb.CapacityRange(required_bytes=size),
@@ -275,6 +321,7 @@ def c_publish(env: Env, volume_id: str, node_id: str, cap: pb.VolumeCapability |
         pb.ControllerPublishVolumeRequest(
             volume_id=volume_id, node_id=node_id, volume_capability=cap or env.cap,
             readonly=readonly, secrets=env.secrets), timeout=WAIT)
+    env.contexts[(volume_id, node_id)] = dict(answer.publish_context)
     return answer
 
 
@@ -302,10 +349,12 @@ def published_nodes(env: Env, volume_id: str) -> tuple[list[str], list[str]]:
     return sorted(listed), sorted(got.status.published_node_ids)
 
 
-def stage_req(env: Env, vol: pb.Volume, staging: str) -> pb.NodeStageVolumeRequest:
+def stage_req(env: Env, vol: pb.Volume, staging: str, node_id: str = ""
+              ) -> pb.NodeStageVolumeRequest:
     return pb.NodeStageVolumeRequest(
         volume_id=vol.volume_id, staging_target_path=staging, volume_capability=env.cap,
-        volume_context=vol.volume_context, secrets=env.secrets)
+        volume_context=vol.volume_context, secrets=env.secrets,
+        publish_context=env.contexts.get((vol.volume_id, node_id or env.node1.node_id), {}))
 
 
 def publish_req(env: Env, vol: pb.Volume, staging: str, target: str
@@ -335,7 +384,7 @@ def staged(env: Env, side: NodeSide, vol: pb.Volume, name: str = "staging") -> I
     if env.layout.attaches:
         c_publish(env, vol.volume_id, side.node_id)
     try:
-        side.stub.NodeStageVolume(stage_req(env, vol, staging), timeout=WAIT)
+        side.stub.NodeStageVolume(stage_req(env, vol, staging, side.node_id), timeout=WAIT)
         try:
             yield staging
         finally:
@@ -389,8 +438,8 @@ def test_create_volume_is_idempotent_and_refuses_another_size(env: Env, vname: s
     with volume(env, vname) as vol:
         again = create(env, vname)
         assert again.volume_id == vol.volume_id
-        assert again.capacity_bytes == vol.capacity_bytes >= 16 * MiB
-        assert status_of(lambda: create(env, vname, 32 * MiB)) == Code.ALREADY_EXISTS
+        assert again.capacity_bytes == vol.capacity_bytes >= env.layout.size
+        assert status_of(lambda: create(env, vname, 2 * env.layout.size)) == Code.ALREADY_EXISTS
         assert create(env, vname).volume_id == vol.volume_id  # the refusal changed nothing
     # Deleted: a second DeleteVolume of the same ID is OK too.
     assert status_of(lambda: delete(env, vol.volume_id)) == Code.OK
