@@ -222,7 +222,7 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "cinder-latest.json"))
     p.add_argument("-n", type=int, default=48, help="operations per concurrency-16 phase")
     args = p.parse_args()
-    from tests.openstack.fixtures import running_cloud
+    from tests.openstack.services import running_cloud
 
     with tempfile.TemporaryDirectory(prefix="berth-bench-cinder-") as work, \
             running_cloud(Path(work)) as cloud:
