@@ -139,7 +139,7 @@ def rendered(helm_env: dict[str, str]) -> Iterator[dict[str, list[dict[str, Any]
 
 
 def test_examples_exist() -> None:
-    assert EXAMPLES == ["hostpath", "nfs", "rbd"]
+    assert EXAMPLES == ["cinder", "hostpath", "nfs", "rbd"]
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

@@ -38,11 +38,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "berth.attach" -}}
 {{- $mode := toString .Values.csiDriver.attachRequired -}}
 {{- if and (eq $mode "auto") .Values.existingConfigSecret -}}
-{{- fail "existingConfigSecret: the chart cannot read that Secret, so set csiDriver.attachRequired to true (nfs, rbd backends) or false (hostpath only)" -}}
+{{- fail "existingConfigSecret: the chart cannot read that Secret, so set csiDriver.attachRequired to true (nfs, rbd, cinder backends) or false (hostpath only)" -}}
 {{- end -}}
 {{- if eq $mode "auto" -}}
 {{- $types := splitList "," (include "berth.types" .) -}}
-{{- if or (has "nfs" $types) (has "rbd" $types) -}}true{{- else -}}false{{- end -}}
+{{- if or (has "nfs" $types) (has "rbd" $types) (has "cinder" $types) -}}true{{- else -}}false{{- end -}}
 {{- else if or (eq $mode "true") (eq $mode "false") -}}
 {{- $mode -}}
 {{- else -}}
@@ -58,8 +58,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- fail "config.backends is empty: configure at least one backend (see examples/)" -}}
 {{- end -}}
 {{- $types := splitList "," (include "berth.types" .) -}}
-{{- if and .Values.nodeLocal (or (has "nfs" $types) (has "rbd" $types)) -}}
-{{- fail "nodeLocal: true serves hostpath backends only; put nfs and rbd backends in a release of their own" -}}
+{{- if and .Values.nodeLocal (or (has "nfs" $types) (has "rbd" $types) (has "cinder" $types)) -}}
+{{- fail "nodeLocal: true serves hostpath backends only; put nfs, rbd and cinder backends in a release of their own" -}}
 {{- end -}}
 {{- include "berth.checkHostpathPaths" . -}}
 {{- if and (not .Values.nodeLocal) (has "hostpath" $types) -}}
