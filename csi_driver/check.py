@@ -16,7 +16,7 @@ from typing import Any
 from .backends.base import Backend
 from .config import ConfigError, load_settings
 from .driver import Driver
-from .errors import CsiError
+from .errors import CsiError, FailedPrecondition
 from .node import bounded
 
 
@@ -29,7 +29,10 @@ def check_backend(backend: Backend[Any], timeout: float) -> str:
     def run() -> str:
         backend.start()
         backend.probe()
-        return f"{_gib(backend.capacity({}).available)} available"
+        try:
+            return f"{_gib(backend.capacity({}).available)} available"
+        except FailedPrecondition as exc:  # reachable, but it tells no capacity
+            return f"reachable; no capacity figure: {exc.message}"
 
     return str(bounded.call(f"check:{backend.name}", run, timeout=timeout))
 

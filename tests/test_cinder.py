@@ -600,3 +600,55 @@ def test_nova_attach(nova_cloud: Any, cloud: OpenStack, tmp_path: Path,
         delete(d, vol.volume_id)
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_check_command(cloud: OpenStack, tmp_path: Path) -> None:
+    import sys
+
+    good = write_config(tmp_path / "good.yaml", {"os": backend_config(cloud, tmp_path)})
+    done = subprocess.run([sys.executable, "-m", "csi_driver", "check", "--config", str(good)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok" in done.stdout and "os (cinder)" in done.stdout
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    config = backend_config(cloud, bad_dir)
+    config["cloudsFile"] = str(clouds_file(cloud, bad_dir / "clouds.yaml", password="nope-x1"))
+    bad = write_config(bad_dir / "bad.yaml", {"os": config})
+    done = subprocess.run([sys.executable, "-m", "csi_driver", "check", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "UNAUTHENTICATED" in done.stdout and "nope-x1" not in done.stdout + done.stderr
+
+
+def test_bad_parameters_are_invalid_argument(cinder: Driver, cloud: OpenStack) -> None:
+    for params in ({"type": "no-such-type"}, {"availability": "az9"}, {"imageFeatures": "x"}):
+        name = f"badparam-{uuid.uuid4().hex[:6]}"
+        code = status_of(lambda n=name, p=params: create(cinder, n, **p))
+        assert code == Code.INVALID_ARGUMENT, params
+        assert [v for v in our_volumes(cloud) if v.name == name] == [], "a half-made volume"
+
+
+def test_error_states_show_in_condition_and_delete(cinder: Driver, cloud: OpenStack) -> None:
+    vol = create(cinder, f"cond-{uuid.uuid4().hex[:6]}")
+    vid = cinder_id(vol.volume_id)
+    admin = cloud.admin().block_storage
+
+    def reset(status: str) -> None:
+        admin.post(f"/volumes/{vid}/action", json={"os-reset_status": {"status": status}})
+
+    def condition() -> pb.VolumeCondition:
+        got = cinder.controller.ControllerGetVolume(pb.ControllerGetVolumeRequest(
+            volume_id=vol.volume_id), timeout=WAIT)
+        return got.status.volume_condition
+
+    assert not condition().abnormal
+    reset("error_extending")
+    assert condition().abnormal and "error_extending" in condition().message
+    reset("error_deleting")
+    with pytest.raises(grpc.RpcError) as err:
+        delete(cinder, vol.volume_id)
+    assert err.value.code() == Code.FAILED_PRECONDITION
+    assert "admin" in (err.value.details() or "")
+    reset("available")
+    delete(cinder, vol.volume_id)

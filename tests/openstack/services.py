@@ -403,6 +403,8 @@ def start_cloud(base: Path, ceph: Any) -> OpenStack:
         cinder.start(admin)
         timings["cinder_ready_s"] = time.monotonic() - t0
         _types(admin)
+        # Cinder's defaults (10 volumes) would bound the bench; tests set their own.
+        cloud.set_quota(volumes=-1, gigabytes=-1, snapshots=-1)
     except BaseException:
         cloud.stop()
         raise

@@ -210,8 +210,11 @@ class CinderBackend(Backend[CinderConfig]):
                 body["availability_zone"] = zone
             if source[0]:
                 body[source[0]] = request.source.local_id if request.source else ""
-            found = api.volume("POST", "/volumes", f"creating volume {request.name}",
-                               body={"volume": body})["volume"]
+            try:
+                found = api.volume("POST", "/volumes", f"creating volume {request.name}",
+                                   body={"volume": body})["volume"]
+            except errors.NotFound as exc:  # a volume type (or zone) the cloud does not have
+                raise errors.InvalidArgument(exc.message) from None
             faults.point("create-volume")
         assert found is not None
         what = f"creating volume {request.name}"
@@ -300,6 +303,10 @@ class CinderBackend(Backend[CinderConfig]):
             raise errors.FailedPrecondition(
                 f"volume {local_id} is attached{' to node ' + repr(held[0]) if held else ''} "
                 f"({data['status']}); unpublish it first")
+        if data["status"] == "error_deleting":
+            raise errors.FailedPrecondition(
+                f"Cinder failed to delete volume {local_id} before (error_deleting): an "
+                "OpenStack admin must reset its state (openstack volume set --state error)")
         if data["status"] not in ("available", "error", "error_restoring", "error_extending",
                                   "error_managing", "deleting"):
             raise errors.Aborted(f"volume {local_id} is {data['status']}; retry when Cinder is "

@@ -24,6 +24,12 @@ from .config import AUTH_SECRET_KEYS, CinderConfig
 
 log = logging.getLogger(__name__)
 
+# keystoneauth imports osprofiler when it is installed (on a host that runs OpenStack services,
+# say), and osprofiler imports eventlet: imported in an RPC's thread, eventlet makes that thread
+# vanish mid-call (the RPC never answers) and the interpreter's exit hang. We never profile, so
+# the import fails as if osprofiler were absent. Done before anything imports keystoneauth.
+sys.modules.setdefault("osprofiler.web", None)  # type: ignore[arg-type]
+
 _MAX_CONNECTIONS = 16  # distinct credential sets kept (StorageClasses with their own secrets)
 
 
@@ -181,7 +187,6 @@ class Cloud:
                     del self._apis[key]
 
     def _connect(self, auth: dict[str, str]) -> Any:
-        _no_profiler()
         from openstack import connection
         from openstack.config import loader
 
@@ -220,13 +225,6 @@ class Cloud:
             return connection.Connection(config=one)
         except Exception as exc:
             raise translate(exc, "reading the OpenStack credentials") from None
-
-
-def _no_profiler() -> None:
-    """keystoneauth imports osprofiler when it is installed (on a host that runs OpenStack
-    services, say), and osprofiler imports eventlet, whose mere import leaves a thread join at
-    interpreter exit hanging: the driver would not exit on SIGTERM. We never profile."""
-    sys.modules.setdefault("osprofiler.web", None)  # type: ignore[arg-type]
 
 
 class Backoff:
