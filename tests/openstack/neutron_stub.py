@@ -7,14 +7,15 @@ import json
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+PORT = 0
+
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
-        port = self.server.server_address[1]
         if path in ("", "/v2.0"):
             body: object = {"versions": [{"id": "v2.0", "status": "CURRENT", "links": [
-                {"rel": "self", "href": f"http://127.0.0.1:{port}/v2.0/"}]}]}
+                {"rel": "self", "href": f"http://127.0.0.1:{PORT}/v2.0/"}]}]}
         elif path.startswith("/v2.0/") and path.count("/") == 2:
             resource = path.rsplit("/", 1)[1].removesuffix(".json")
             body = {resource: []}
@@ -33,4 +34,5 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+    PORT = int(sys.argv[1])
+    ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()

@@ -5,15 +5,19 @@ the tests need no RabbitMQ. Run with Debian's /usr/bin/python3: `nova_launcher.p
 nova.conf`. Mirrors nova.cmd.api/conductor/scheduler/compute, except that nova-compute keeps
 direct database access (it shares the process with the conductor)."""
 
-import nova.monkey_patch  # eventlet, before anything else: as nova.cmd does
-
-# isort: split
 import sys
 
-import nova.conf
-from nova import config, objects, service
-from oslo_log import log as logging
-from oslo_service import service as os_service
+# This directory is sys.path[0]: keep its modules (compute.py, ...) from shadowing nova's.
+sys.path = [p for p in sys.path if p != __file__.rpartition("/")[0]]
+
+import nova.monkey_patch  # type: ignore[import-untyped]  # noqa: E402 - eventlet, before the rest: as nova.cmd does
+
+# isort: split
+
+import nova.conf  # type: ignore[import-untyped]  # noqa: E402
+from nova import config, objects, service  # type: ignore[import-untyped]  # noqa: E402
+from oslo_log import log as logging  # type: ignore[import-untyped]  # noqa: E402
+from oslo_service import service as os_service  # type: ignore[import-untyped]  # noqa: E402
 
 CONF = nova.conf.CONF
 

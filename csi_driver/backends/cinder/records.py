@@ -94,15 +94,38 @@ def volume(data: Mapping[str, Any], zone_key: str, zoned: bool) -> Volume:
     topology: tuple[Segments, ...] = ({zone_key: zone},) if zoned and zone else ()
     return Volume(
         local_id=str(data["id"]), name=md.get(NAME, ""), size=int(data.get("size") or 0) * GiB,
-        parameters=json.loads(md.get(PARAMS) or "{}"),
+        parameters=_json_map(md.get(PARAMS)),
         context={"availabilityZone": zone, "type": str(data.get("volume_type") or "")},
         source=source, block=md.get(BLOCK) == "1",
-        mutable_parameters=json.loads(md.get(MUTABLE) or "{}"),
+        mutable_parameters=_json_map(md.get(MUTABLE)),
         condition=condition(data),
-        published=tuple(Attachment.from_record(n, a)
-                        for n, a in sorted(attachments(md).items()) if not a.get("p")),
+        published=published(md),
         topology=topology,
     )
+
+
+def published(md: Mapping[str, str]) -> tuple[Attachment, ...]:
+    """The made (not pending) attachments; a record someone mangled counts as none."""
+    found = []
+    for node, record in sorted(attachments(md).items()):
+        if record.get("p"):
+            continue
+        try:
+            found.append(Attachment.from_record(node, record))
+        except (ValueError, TypeError):
+            continue
+    return tuple(found)
+
+
+def _json_map(raw: str | None) -> dict[str, str]:
+    """A map Berth wrote as JSON; {} when someone edited it into something else."""
+    try:
+        found = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): str(v) for k, v in found.items()}
 
 
 def snapshot(data: Mapping[str, Any]) -> Snapshot:
