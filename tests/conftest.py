@@ -17,6 +17,7 @@ from csi_driver.csi import csi_pb2 as pb
 from .ceph.fixtures import ceph_cluster  # noqa: F401 - the session's Ceph, started on use
 from .harness import Driver, start_driver, write_config
 from .nfs.fixtures import guest, nfs_driver, nfs_server, node, second_node  # noqa: F401 - started on first use
+from .openstack.compute import nova_cloud  # noqa: F401 - started on first use
 from .openstack.fixtures import openstack_cloud  # noqa: F401 - started on first use
 
 CLONE_NEWNS = 0x00020000

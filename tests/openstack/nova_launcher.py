@@ -15,7 +15,7 @@ import nova.monkey_patch  # type: ignore[import-untyped]  # noqa: E402 - eventle
 # isort: split
 
 import nova.conf  # type: ignore[import-untyped]  # noqa: E402
-from nova import config, objects, service  # type: ignore[import-untyped]  # noqa: E402
+from nova import config, objects, service  # noqa: E402
 from oslo_log import log as logging  # type: ignore[import-untyped]  # noqa: E402
 from oslo_service import service as os_service  # type: ignore[import-untyped]  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The test cloud is real: Keystone checks credentials, Cinder makes RBD images in the zone asked."""
+"""The test cloud is real: Keystone checks credentials, Cinder makes RBD images where asked."""
 
 from __future__ import annotations
 
