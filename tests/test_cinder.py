@@ -652,3 +652,60 @@ def test_error_states_show_in_condition_and_delete(cinder: Driver, cloud: OpenSt
     assert "admin" in (err.value.details() or "")
     reset("available")
     delete(cinder, vol.volume_id)
+
+
+def test_ids_that_are_not_cinder_ids(cinder: Driver) -> None:
+    c = cinder.controller
+    for local in ("detail", "summary", "abc"):  # /volumes/detail is a listing, not a volume
+        vid = f"os:{local}"
+        assert status_of(lambda v=vid: delete(cinder, v)) == Code.OK
+        assert status_of(lambda v=vid: c.DeleteSnapshot(pb.DeleteSnapshotRequest(
+            snapshot_id=v), timeout=WAIT)) == Code.OK
+        assert status_of(lambda v=vid: c.ControllerGetVolume(pb.ControllerGetVolumeRequest(
+            volume_id=v), timeout=WAIT)) == Code.NOT_FOUND
+        assert status_of(lambda v=vid: c.CreateSnapshot(pb.CreateSnapshotRequest(
+            source_volume_id=v, name=f"s-{uuid.uuid4().hex[:6]}"), timeout=WAIT)) == Code.NOT_FOUND
+        assert status_of(lambda v=vid: c_publish(cinder, v, NODE_ID)) == Code.NOT_FOUND
+        assert status_of(lambda v=vid: create(cinder, f"src-{uuid.uuid4().hex[:6]}", source=Src(
+            snapshot=Src.SnapshotSource(snapshot_id=v)))) == Code.NOT_FOUND
+        listed = c.ListSnapshots(pb.ListSnapshotsRequest(snapshot_id=vid), timeout=WAIT)
+        assert list(listed.entries) == []
+
+
+def test_partial_or_bogus_credentials(cinder: Driver, cloud: OpenStack) -> None:
+    name = f"cred-{uuid.uuid4().hex[:6]}"
+    full = {"auth_url": cloud.auth_url, "username": cloud.username, "password": cloud.password,
+            "project_name": cloud.project, "user_domain_name": "Default",
+            "project_domain_name": "Default"}
+    cases = [({"username": "x"}, Code.INVALID_ARGUMENT),
+             ({"auth_url": cloud.auth_url, "application_credential_id": "x"},
+              Code.INVALID_ARGUMENT),
+             ({"auth_url": cloud.auth_url, "token": "gAAAAbogus"}, Code.UNAUTHENTICATED),
+             ({**full, "region_name": "Nowhere"}, Code.FAILED_PRECONDITION)]
+    for secrets, want in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            create(cinder, name, secrets=secrets)
+        assert err.value.code() == want, (secrets, err.value.details())
+        assert "internal" not in (err.value.details() or "").lower()
+
+
+def test_forged_publish_context_is_refused(cinder: Driver, tmp_path: Path) -> None:
+    a = create(cinder, f"forge-a-{uuid.uuid4().hex[:6]}")
+    b = create(cinder, f"forge-b-{uuid.uuid4().hex[:6]}")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    try:
+        ctx = c_publish(cinder, a.volume_id, NODE_ID)
+        other = c_publish(cinder, b.volume_id, NODE_ID)
+        for forged in ({**ctx, "cinder/name": other["cinder/name"]},
+                       {**ctx, "cinder/name": "volumes/../x"},
+                       {**ctx, "cinder/name": f"volumes/volume-{cinder_id(a.volume_id)}@snap"}):
+            code = status_of(lambda f=forged: cinder.node.NodeStageVolume(pb.NodeStageVolumeRequest(
+                volume_id=a.volume_id, staging_target_path=str(staging),
+                volume_capability=mount_cap(), publish_context=f), timeout=WAIT))
+            assert code == Code.INVALID_ARGUMENT, forged
+            assert not os.path.ismount(staging)
+    finally:
+        for v in (a, b):
+            c_unpublish(cinder, v.volume_id, NODE_ID)
+            delete(cinder, v.volume_id)

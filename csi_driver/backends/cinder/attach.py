@@ -27,7 +27,6 @@ from .cloud import Api
 if TYPE_CHECKING:
     from .backend import CinderBackend
 
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ATTACHMENTS_MV = "3.54"  # attachment create with connector and mode in one call
 NOVA_MV = "2.60"  # multi-attach volumes
 
@@ -169,7 +168,7 @@ class Attacher:
             with self._lock:
                 self._servers.pop(node_id, None)
         found: str | None = None
-        if _UUID.fullmatch(node_id.lower()) and api.compute(
+        if records.is_uuid(node_id.lower()) and api.compute(
                 "GET", f"/servers/{node_id.lower()}", f"reading server {node_id}",
                 missing_ok=True) is not None:
             found = node_id.lower()

@@ -98,6 +98,8 @@ class CinderBackend(Backend[CinderConfig]):
 
     def get(self, api: Api, local_id: str) -> dict[str, Any] | None:
         """The volume's JSON, or None when Cinder has no such volume."""
+        if not records.is_uuid(local_id):  # else /volumes/detail would be a listing
+            return None
         found = api.volume("GET", f"/volumes/{_quote(local_id)}", f"reading volume {local_id}",
                            missing_ok=True)
         return None if found is None else dict(found["volume"])
@@ -237,6 +239,8 @@ class CinderBackend(Backend[CinderConfig]):
         if request.source is None:
             return "", 0
         kind, local_id = request.source.kind, request.source.local_id
+        if not records.is_uuid(local_id):
+            raise errors.NotFound(f"source {kind} {self.name}:{local_id} does not exist")
         path = f"/{'snapshots' if kind == 'snapshot' else 'volumes'}/{_quote(local_id)}"
         found = api.volume("GET", path, f"reading source {kind} {local_id}", missing_ok=True)
         data = found and found[kind]
@@ -404,6 +408,8 @@ class CinderBackend(Backend[CinderConfig]):
 
     # -- snapshots -----------------------------------------------------------------------
     def _snapshot_get(self, api: Api, local_id: str) -> dict[str, Any] | None:
+        if not records.is_uuid(local_id):
+            return None
         found = api.volume("GET", f"/snapshots/{_quote(local_id)}",
                            f"reading snapshot {local_id}", missing_ok=True)
         return None if found is None else dict(found["snapshot"])

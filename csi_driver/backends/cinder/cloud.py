@@ -128,6 +128,11 @@ def translate(exc: BaseException, what: str) -> errors.CsiError:
     if isinstance(exc, errors.CsiError):
         return exc
     if isinstance(exc, ks.http.HttpError) and exc.http_status:
+        # Service calls answer as responses (raise_exc=False): an HTTP error raised is
+        # Keystone's, while authenticating. It answers a token it cannot read with 404.
+        if int(exc.http_status) in (401, 404):
+            return errors.Unauthenticated(
+                f"{what}: Keystone refused the credentials: {exc.message or exc}")
         return _http_error(int(exc.http_status), exc.message or str(exc), what)
     if isinstance(exc, sdk.HttpException) and exc.status_code:
         return _http_error(int(exc.status_code), exc.details or exc.message, what)
@@ -141,6 +146,10 @@ def translate(exc: BaseException, what: str) -> errors.CsiError:
             f"({exc})")
     if isinstance(exc, ks.DiscoveryFailure):
         return errors.Unavailable(f"{what}: OpenStack API discovery failed ({exc})")
+    if isinstance(exc, sdk.ConfigException) and "endpoint" in str(exc):
+        return errors.FailedPrecondition(
+            f"{what}: the service catalog has no such endpoint for this region and interface "
+            f"({exc})")
     if isinstance(exc, ks.MissingRequiredOptions | ks.NoMatchingPlugin | ks.AuthPluginException
                   | sdk.ConfigException):
         return errors.InvalidArgument(f"{what}: OpenStack credentials incomplete ({exc})")
@@ -148,6 +157,31 @@ def translate(exc: BaseException, what: str) -> errors.CsiError:
         return errors.Unavailable(f"{what}: {exc}")
     log.exception("%s: unexpected error", what)
     return errors.Internal(f"{what}: unexpected {type(exc).__name__}")
+
+
+def _complete(auth: Mapping[str, str], has_file: bool) -> None:
+    """INVALID_ARGUMENT naming what a set of secrets lacks (the SDK would fail with a bare
+    Exception at the first request)."""
+    lacking = []
+    if "auth_url" not in auth and not has_file:
+        lacking.append("auth_url")
+    if "token" in auth:
+        pass
+    elif any(k.startswith("application_credential") for k in auth):
+        if "application_credential_secret" not in auth:
+            lacking.append("application_credential_secret")
+        if "application_credential_id" not in auth and not (
+                "application_credential_name" in auth
+                and ("user_id" in auth or "username" in auth)):
+            lacking.append("application_credential_id (or its name with username)")
+    else:
+        if "password" not in auth:
+            lacking.append("password")
+        if "username" not in auth and "user_id" not in auth:
+            lacking.append("username or user_id")
+    if lacking:
+        raise errors.InvalidArgument(
+            f"OpenStack credentials in the secrets are incomplete: {', '.join(lacking)} missing")
 
 
 class Cloud:
@@ -166,6 +200,8 @@ class Cloud:
                 "OpenStack credentials missing: set cloudsFile and cloud in the backend config, "
                 "or pass them as CSI secrets (auth_url, username, password, project_name, ... or "
                 "application_credential_id and application_credential_secret)")
+        if auth:
+            _complete(auth, has_file=bool(self.config.cloudsFile))
         key = hashlib.sha256(json.dumps(sorted(auth.items())).encode()).hexdigest()
         with self._lock:
             found = self._apis.get(key)

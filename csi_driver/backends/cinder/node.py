@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -29,6 +30,7 @@ from ..base import Condition, NodeExpandRequest, StageRequest
 from .config import CinderConfig
 
 log = logging.getLogger(__name__)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")  # a pool or image name, nothing more
 
 
 class NodeSide:
@@ -132,8 +134,14 @@ class NodeSide:
                 "not one this node can connect (rbd is)")
         pool, _, image = ctx.get("cinder/name", "").partition("/")
         monitors = [m for m in ctx.get("cinder/monitors", "").split(",") if m]
-        if not pool or not image or "/" in image or not monitors:
+        if not (_NAME.fullmatch(pool) and _NAME.fullmatch(image) and monitors):
             raise errors.InvalidArgument("publish_context lacks the rbd image or its monitors")
+        # Cinder names a volume's image after its ID (volume_name_template, volume-%s): a
+        # context naming another image is not this volume's, whoever wrote it.
+        if request.local_id not in image:
+            raise errors.InvalidArgument(
+                f"publish_context names image {image!r}, which is not volume "
+                f"{request.local_id}'s")
         state = {"type": "rbd", "pool": pool, "image": image, "monitors": monitors,
                  "user": ctx.get("cinder/user", "")}
         from ..rbd.cluster import credentials

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +31,14 @@ _TRANSIENT = {"creating", "attaching", "detaching", "reserved", "extending", "re
               "deleting", "downloading", "uploading", "maintenance", "backing-up",
               "restoring-backup"}
 _STUCK_AFTER = 600.0
+
+
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def is_uuid(text: str) -> bool:
+    """Cinder's IDs are UUIDs; anything else names no volume (and must not reach a URL)."""
+    return bool(_UUID.fullmatch(text))
 
 
 def ours(data: Mapping[str, Any], backend: str) -> bool:
