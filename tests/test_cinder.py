@@ -709,3 +709,30 @@ def test_forged_publish_context_is_refused(cinder: Driver, tmp_path: Path) -> No
         for v in (a, b):
             c_unpublish(cinder, v.volume_id, NODE_ID)
             delete(cinder, v.volume_id)
+
+
+def test_debug_log_holds_no_secret(cloud: OpenStack, tmp_path: Path) -> None:
+    """At DEBUG the driver logs every request (secrets blanked); keystoneauth and the SDK would
+    log auth bodies and catalogs, so they stay at WARNING."""
+    config = backend_config(cloud, tmp_path)
+    del config["cloudsFile"], config["cloud"]
+    d = start_driver(tmp_path, write_config(tmp_path / "c.yaml", {"os": config}),
+                     "--log-level", "DEBUG")
+    secrets = {"auth_url": cloud.auth_url, "username": cloud.username, "password": cloud.password,
+               "project_name": cloud.project, "user_domain_name": "Default",
+               "project_domain_name": "Default"}
+    try:
+        vol = create(d, f"debug-{uuid.uuid4().hex[:6]}", secrets=secrets)
+        ctx = d.controller.ControllerPublishVolume(pb.ControllerPublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=NODE_ID, volume_capability=mount_cap(),
+            secrets=secrets), timeout=WAIT).publish_context
+        assert ctx["cinder/type"] == "rbd"
+        d.controller.ControllerUnpublishVolume(pb.ControllerUnpublishVolumeRequest(
+            volume_id=vol.volume_id, node_id=NODE_ID, secrets=secrets), timeout=WAIT)
+        d.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id,
+                                                         secrets=secrets), timeout=WAIT)
+    finally:
+        assert d.stop() == 0
+    log = d.log()
+    assert "CreateVolume" in log and "DEBUG" in log
+    assert cloud.password not in log and "X-Auth-Token" not in log

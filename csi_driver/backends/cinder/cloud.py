@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 # vanish mid-call (the RPC never answers) and the interpreter's exit hang. We never profile, so
 # the import fails as if osprofiler were absent. Done before anything imports keystoneauth.
 sys.modules.setdefault("osprofiler.web", None)  # type: ignore[arg-type]
+# At DEBUG, keystoneauth and the SDK log whole requests and responses (auth bodies, service
+# catalogs, connection info): never, whatever the driver's own level.
+for _name in ("keystoneauth", "openstack", "stevedore", "urllib3"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 _MAX_CONNECTIONS = 16  # distinct credential sets kept (StorageClasses with their own secrets)
 
