@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from .services import FILES, REGION, OpenStack, Process, free_port
+from .services import FILES, REGION, OpenStack, Process, free_port, uwsgi
 
 HERE = Path(__file__).parent
 NOVA_PASSWORD = "berth-nova-pw"
@@ -147,12 +147,9 @@ http_connect_timeout = 5
 http_request_max_retries = 1
 """)
         self.log = base / "log" / "placement.log"
-        self.process = Process("placement", [
-            "/usr/bin/uwsgi", "--plugin", "python3", "--http-socket", f"127.0.0.1:{self.port}",
-            "--add-header", "Connection: close", "--wsgi-file", "/usr/bin/placement-api",
-            "--master", "--processes", "1", "--threads", "1", "--die-on-term", "--need-app",
-            "--lazy-apps", "--buffer-size", "65535"], base / "log" / "uwsgi.log",
-            env={"OS_PLACEMENT_CONFIG_DIR": str(etc)})
+        self.process = Process("placement", uwsgi(self.port, "/usr/bin/placement-api"),
+                               base / "log" / "uwsgi.log",
+                               env={"OS_PLACEMENT_CONFIG_DIR": str(etc)})
 
     def db_sync(self) -> subprocess.Popen[str]:
         """Start `placement-manage db sync`; wait with _finish()."""

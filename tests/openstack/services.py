@@ -126,6 +126,16 @@ def _wait(what: str, probe: Any, proc: Process, timeout: float = 60) -> None:
     raise RuntimeError(f"{what} not ready after {timeout:.0f}s:\n{proc.log.read_text()[-3000:]}")
 
 
+def uwsgi(port: int, wsgi_file: str) -> list[str]:
+    """A WSGI app under uwsgi on loopback: one process, one thread (sqlite and in-memory caches
+    want that)."""
+    return ["/usr/bin/uwsgi", "--plugin", "python3", "--http-socket", f"127.0.0.1:{port}",
+            # Clients reuse connections; plain http-socket would reset some of them.
+            "--add-header", "Connection: close", "--wsgi-file", wsgi_file, "--master",
+            "--processes", "1", "--threads", "1", "--die-on-term", "--need-app", "--lazy-apps",
+            "--buffer-size", "65535"]
+
+
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=2) as resp:
         return bool(resp.status < 400)
@@ -162,13 +172,9 @@ backend = dogpile.cache.memory
 password_hash_rounds = 4
 """)
         self.log = base / "log" / "keystone.log"
-        self.process = Process("keystone", [
-            "/usr/bin/uwsgi", "--plugin", "python3", "--http-socket", f"127.0.0.1:{self.port}",
-            # Clients reuse connections; plain http-socket would reset some of them.
-            "--add-header", "Connection: close", "--wsgi-file", "/usr/bin/keystone-wsgi-public",
-            "--master", "--processes", "1", "--threads", "1", "--die-on-term", "--need-app",
-            "--lazy-apps", "--buffer-size", "65535"], base / "log" / "uwsgi.log",
-            env={"OS_KEYSTONE_CONFIG_DIR": str(etc)})
+        self.process = Process("keystone", uwsgi(self.port, "/usr/bin/keystone-wsgi-public"),
+                               base / "log" / "uwsgi.log",
+                               env={"OS_KEYSTONE_CONFIG_DIR": str(etc)})
 
     def bootstrap(self) -> None:
         manage = ["keystone-manage", "--config-file", str(self.conf)]
