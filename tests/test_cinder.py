@@ -563,8 +563,7 @@ def test_nova_attach(nova_cloud: Any, cloud: OpenStack, tmp_path: Path,
     links, device = by_id
     server_name = f"berth-node-{uuid.uuid4().hex[:6]}"
     server = nova_cloud.boot_server(server_name)
-    config = backend_config(cloud, tmp_path, attach="nova", serverID=server,
-                            devicesDir=str(links), nodes={})
+    config = backend_config(cloud, tmp_path, attach="nova", devicesDir=str(links), nodes={})
     d = start_driver(tmp_path, write_config(tmp_path / "c.yaml", {"os": config}),
                      "--node-id", server_name, "--topology", f"{ZONE}=az1")
     try:

@@ -113,9 +113,6 @@ class CinderBackend(Backend[CinderConfig]):
             return data
         return self.get(api, local_id)
 
-    def start(self) -> None:
-        self.node_side.start()
-
     def probe(self) -> None:
         try:
             import openstack  # noqa: F401

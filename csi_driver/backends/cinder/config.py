@@ -83,8 +83,7 @@ class CinderConfig(BackendConfig):
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"convert": _nodes})
     # Node side.
     fsType: Literal["ext4", "xfs"] = "ext4"
-    # nova mode: the node's server ID; empty: the metadata service tells.
-    serverID: str = ""
+    # nova mode: where the node reads its zone (the controller finds its server by node ID).
     metadataURL: str = "http://169.254.169.254"
     # Where udev links disks by serial (tests point it at a directory of their own links).
     devicesDir: str = field(default="/dev/disk/by-id", metadata={"convert": _path})

@@ -39,9 +39,6 @@ class NodeSide:
         self._zone: str | None = None
         self._lock = threading.Lock()
 
-    def start(self) -> None:
-        pass
-
     # -- where the node is ---------------------------------------------------------------
     def zone(self) -> str:
         """The node's availability zone, from Nova's metadata service (nova mode), cached."""
