@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from .services.node import NodeService
 
 log = logging.getLogger(__name__)
 MODES = ("all", "controller", "node")
+GRACE_SECONDS = 30.0  # in-flight RPCs may finish within this after SIGTERM
 
 
 class EndpointError(Exception):
@@ -120,7 +122,7 @@ class Server:
         log.info("serving CSI %s on %s (node %s)", self.driver.settings.driver_name,
                  self.endpoint.grpc_address, self.driver.node.node_id)
 
-    def stop(self, grace: float = 30.0) -> None:
+    def stop(self, grace: float = GRACE_SECONDS) -> None:
         """Refuse new RPCs, let in-flight ones finish (up to `grace` seconds), remove the socket."""
         self._grpc.stop(grace).wait()
         if self.endpoint.socket_path:
@@ -135,6 +137,12 @@ class Server:
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+        # A fatal signal (SIGSEGV, SIGABRT...) prints every thread's stack to stderr.
+        faulthandler.enable()
         self.start()
         self._stop.wait()
-        self.stop()
+        # Shutting down never hangs: past the grace period (and 5 s more for the interpreter
+        # to exit) the stacks go to the log and the process ends.
+        faulthandler.dump_traceback_later(GRACE_SECONDS + 5, exit=True)
+        self.stop(GRACE_SECONDS)
+        faulthandler.dump_traceback_later(5, exit=True)

@@ -48,7 +48,14 @@ class Driver:
         self.channel.close()
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # Its stacks (faulthandler answers SIGABRT) say where it hung.
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(10)
+            raise AssertionError(f"the driver did not stop within {timeout}s; its log ends:\n"
+                                 + self.log()[-6000:]) from None
 
 
 def write_config(path: Path, backends: dict[str, Any], **extra: Any) -> Path:
