@@ -14,7 +14,7 @@ import pytest
 
 from csi_driver.csi import csi_pb2 as pb
 
-from .ceph.fixtures import ceph_cluster  # noqa: F401 - the session's Ceph, started on use
+from .ceph.fixtures import ceph_cluster, cephfs  # noqa: F401 - the session's Ceph, started on use
 from .harness import Driver, start_driver, write_config
 from .nfs.fixtures import guest, nfs_driver, nfs_server, node, second_node  # noqa: F401 - started on first use
 from .openstack.compute import nova_cloud  # noqa: F401 - started on first use

@@ -25,6 +25,7 @@ BUILTIN = {
     "nfs": "csi_driver.backends.nfs:NfsBackend",
     "rbd": "csi_driver.backends.rbd:RbdBackend",
     "cinder": "csi_driver.backends.cinder:CinderBackend",
+    "cephfs": "csi_driver.backends.cephfs:CephfsBackend",
 }
 
 

@@ -397,6 +397,11 @@ class Backend(ABC, Generic[C]):
     def node_condition(self, local_id: str, volume_path: str) -> Condition:
         return Condition(abnormal=False, message="")
 
+    def node_usage(self, local_id: str, volume_path: str) -> tuple[int, int] | None:
+        """(capacity, used) bytes when the backend knows them better than statfs does (a
+        CephFS quota); None: statfs's figures."""
+        return None
+
     def create_group_snapshot(self, request: GroupSnapshotRequest) -> GroupSnapshot:
         raise self._unsupported("group snapshots")
 

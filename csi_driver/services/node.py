@@ -61,11 +61,13 @@ def _stats(path: str) -> tuple[int, os.statvfs_result]:
 
 def _stale(path: str) -> bool:
     """Whether the filesystem at `path` answers ESTALE (its directory was replaced on the
-    server); a path that does not answer at all counts as not stale here."""
+    server) or ENOTCONN (its FUSE daemon died); a path that does not answer at all counts as
+    not stale here."""
     try:
         bounded.call(f"stale:{path}", mounts.touch_open, path, timeout=STATS_WAIT)
     except OSError as exc:
-        return exc.errno == errno.ESTALE
+        # ENOTCONN: the FUSE daemon behind the mount (ceph-fuse) is gone.
+        return exc.errno in (errno.ESTALE, errno.ENOTCONN)
     except errors.Unavailable:
         return False
     return False
@@ -319,10 +321,12 @@ class NodeService(pb_grpc.NodeServicer):
         if stat.S_ISBLK(st_mode):
             response.usage.append(pb.VolumeUsage(unit=unit.BYTES, total=devices.device_size(path)))
         else:
+            total, used = (backend.node_usage(parsed.local, path)
+                           or (st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize))
             response.usage.extend([
-                pb.VolumeUsage(unit=unit.BYTES, total=st.f_blocks * st.f_frsize,
-                               available=st.f_bavail * st.f_frsize,
-                               used=(st.f_blocks - st.f_bfree) * st.f_frsize),
+                pb.VolumeUsage(unit=unit.BYTES, total=total,
+                               available=max(0, min(total - used, st.f_bavail * st.f_frsize)),
+                               used=used),
                 pb.VolumeUsage(unit=unit.INODES, total=st.f_files, available=st.f_favail,
                                used=st.f_files - st.f_ffree),
             ])

@@ -16,14 +16,16 @@ from collections.abc import Iterator
 import pytest
 
 from .cluster import CephCluster, missing_packages, start_cluster
+from .filesystem import Filesystem, add_filesystem
 
 # With a mgr, as on any real cluster: pool statistics (GetCapacity, `ceph df`) come from it.
 # Without one the cluster starts as fast and uses ~300 MB less; librbd does not need it.
 WITH_MGR = True
 
-def _end_rbd_fuse(under: str) -> None:
-    """End rbd-fuse processes a failed test left under `under`, with their loop devices, before
-    the cluster goes: once it has, any access to their files (even `losetup -a`) would hang."""
+def _end_fuse_clients(under: str) -> None:
+    """End rbd-fuse (with their loop devices) and ceph-fuse processes a failed test left under
+    `under`, before the cluster goes: once it has, any access to their files (even `losetup
+    -a`) would hang."""
     from csi_driver.node import loop
 
     for pid in os.listdir("/proc"):
@@ -32,7 +34,13 @@ def _end_rbd_fuse(under: str) -> None:
                 argv = f.read().decode(errors="replace").split("\0")[:-1]
         except OSError:
             continue
-        if len(argv) < 2 or argv[0] != "rbd-fuse" or not argv[-1].startswith(under):
+        if len(argv) < 2 or not argv[-1].startswith(under):
+            continue
+        if argv[0] == "ceph-fuse":  # hung callers are freed only by its SIGKILL
+            subprocess.run(["umount", "-l", argv[-1]], check=False, timeout=30)
+            os.kill(int(pid), signal.SIGKILL)
+            continue
+        if argv[0] != "rbd-fuse":
             continue
         where = argv[-1]  # rbd-fuse ... -r IMAGE MOUNTPOINT
         image = os.path.join(where, os.path.basename(where))
@@ -58,9 +66,20 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephClust
     try:
         yield cluster
     finally:
-        _end_rbd_fuse(str(tmp_path_factory.getbasetemp()))
+        _end_fuse_clients(str(tmp_path_factory.getbasetemp()))
         cluster.stop()
         # Keep config and logs for a look after the run; drop the stores, among them the OSD's
         # block file (sparse, 10 GiB apparent).
         for store in ("osd", "mon"):
             shutil.rmtree(cluster.base / store, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cephfs(ceph_cluster: CephCluster) -> Filesystem:
+    """A CephFS on the session's cluster (mds.a, filesystem `cephfs`, group `csi`, user
+    client.csifs with ceph-csi's caps), added on first use."""
+    missing = [tool for tool in ("ceph-mds", "ceph-fuse") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"CephFS tools missing: {' '.join(missing)}. Install them with "
+                    "scripts/install-ceph.", pytrace=False)
+    return add_filesystem(ceph_cluster)

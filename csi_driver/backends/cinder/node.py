@@ -141,7 +141,7 @@ class NodeSide:
                 f"{request.local_id}'s")
         state = {"type": "rbd", "pool": pool, "image": image, "monitors": monitors,
                  "user": ctx.get("cinder/user", "")}
-        from ..rbd.cluster import credentials
+        from ..ceph_cluster import credentials
 
         attacher, rbd_config = self._rbd(state)
         given = {"userID": str(state["user"])}

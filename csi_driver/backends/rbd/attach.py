@@ -26,7 +26,7 @@ from ... import errors, faults
 from ...node import devices, filesystems, loop, mounts
 from ...node.commands import run
 from ..base import Capability, Condition
-from .cluster import Credentials
+from ..ceph_cluster import Credentials
 from .config import RbdConfig
 
 

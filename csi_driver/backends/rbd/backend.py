@@ -30,9 +30,9 @@ from ..base import (
     VolumeRequest,
     VolumeUpdate,
 )
+from ..ceph_cluster import Cluster, Credentials, credentials
 from . import images
 from .attach import Attacher
-from .cluster import Cluster, Credentials, credentials
 from .config import RbdConfig
 from .images import RESTORE_SNAP, ImageRecord
 
@@ -57,7 +57,7 @@ class RbdBackend(Backend[RbdConfig]):
 
     def __init__(self, name: str, config: RbdConfig, node: NodeInfo) -> None:
         super().__init__(name, config, node)
-        self.cluster = Cluster(config)
+        self.cluster = Cluster(config, config.pool, config.radosNamespace)
         self.attacher = Attacher(config)
         self.purger = images.Purger(self.cluster.call,
                                     (config.volumeNamePrefix, config.snapshotNamePrefix))

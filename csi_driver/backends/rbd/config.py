@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..base import BackendConfig
-
-
-def _monitors(value: object) -> list[str]:
-    if isinstance(value, str):
-        value = [m.strip() for m in value.split(",") if m.strip()]
-    if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
-        raise ValueError("must be a list of monitor addresses such as 10.0.0.1:6789")
-    return value
-
-
-def _path(value: object) -> str:
-    if not isinstance(value, str) or not os.path.isabs(value):
-        raise ValueError("must be an absolute path")
-    return value
+from ..ceph_config import CephClusterConfig, path, positive
 
 
 def _prefix(value: object) -> str:
@@ -31,18 +16,9 @@ def _prefix(value: object) -> str:
     return value
 
 
-def _positive(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError("must be a whole number, 1 or more")
-    return value
-
-
 @dataclass(kw_only=True)
-class RbdConfig(BackendConfig):
+class RbdConfig(CephClusterConfig):
     pool: str
-    # Where the cluster is: monitor addresses, or a ceph.conf (one of the two).
-    monitors: list[str] = field(default_factory=list, metadata={"convert": _monitors})
-    cephConf: str = field(default="", metadata={"convert": _path})
     radosNamespace: str = ""
     # Object map by default: without it a purge removes every object an image could have (10 GiB:
     # 2,560 removes, ~1 image/s here; with it ~10/s, bounded by the deletes), and changed-block
@@ -57,19 +33,12 @@ class RbdConfig(BackendConfig):
     fsType: Literal["ext4", "xfs"] = "ext4"
     mounter: Literal["krbd", "nbd", "fuse"] = "krbd"
     # Clone chains longer than this are flattened, so reads never walk a deep ancestry.
-    maxCloneDepth: int = field(default=8, metadata={"convert": _positive})
-    # Bound on every cluster call; librados would otherwise wait 300 s for dead monitors.
-    timeoutSeconds: int = field(default=10, metadata={"convert": _positive})
-    # Optional credentials for the RPCs that carry no secrets (ListVolumes, GetCapacity,
-    # ControllerGetVolume); request secrets userID/userKey always win.
-    userID: str = ""
-    userKeyFile: str = field(default="", metadata={"convert": _path})
+    maxCloneDepth: int = field(default=8, metadata={"convert": positive})
     # Node: where rbd-fuse exposes images and helper files live.
-    nodeStateDir: str = field(default="/var/lib/berth/rbd", metadata={"convert": _path})
+    nodeStateDir: str = field(default="/var/lib/berth/rbd", metadata={"convert": path})
 
     def __post_init__(self) -> None:
-        if bool(self.monitors) == bool(self.cephConf):
-            raise ValueError("set exactly one of monitors and cephConf")
+        super().__post_init__()
         vol, snap = self.volumeNamePrefix, self.snapshotNamePrefix
         if vol.startswith(snap) or snap.startswith(vol):
             # else a listing of one kind would take in images of the other

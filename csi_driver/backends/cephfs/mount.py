@@ -1,0 +1,252 @@
+"""CephFS on the node: the subvolume's path mounted once at the staging path, with the
+volume's own credentials; NodePublish binds it (the node service does that part).
+
+  kernel  `mount -t ceph` (needs the ceph kernel module): the production path
+  fuse    ceph-fuse (no kernel module: restricted nodes, and the path our tests exercise)
+
+The key reaches the tools through a keyring (kernel: a secret file) in a private directory that
+is removed as soon as the mount stands; ceph-fuse keeps the key in memory to reconnect. Each
+mount's source names the subvolume (`berth:<path>` for ceph-fuse, `<monitors>:<path>` for the
+kernel), so ownership is read from the mount table alone: a stat of a CephFS whose MDS is gone
+hangs, and even SIGKILL does not free the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+from ... import errors, faults
+from ...node import bounded, mounts
+from ..base import Condition, StageRequest
+from ..ceph_cluster import Credentials
+from .config import CephfsConfig
+
+FUSE_SOURCE = "berth:"
+FUSE_TYPE = "fuse.ceph-fuse"
+
+
+def _subvolume_path(context: dict[str, str] | object, group: str) -> str:
+    path = context.get("subvolumePath", "") if isinstance(context, dict) else ""
+    parts = path.split("/")
+    if (not path.startswith(f"/volumes/{group}/") or ".." in parts or "" in parts[1:]
+            or len(parts) != 5):
+        raise errors.InvalidArgument(
+            f"volume context subvolumePath {path!r} is not a subvolume of group {group!r}")
+    return path
+
+
+class Mounter:
+    def __init__(self, config: CephfsConfig) -> None:
+        self.config = config
+        self._keys_dir = os.path.join(config.nodeStateDir, "keys")
+        self._cleaned = False
+
+    def _wait(self) -> float:
+        return 3.0 * self.config.timeoutSeconds
+
+    @contextlib.contextmanager
+    def _files(self, creds: Credentials) -> Iterator[tuple[str, str, str]]:
+        """(ceph.conf, keyring, secret file) in a private directory gone when the block ends."""
+        if not self._cleaned:  # what a crash left behind
+            shutil.rmtree(self._keys_dir, ignore_errors=True)
+            self._cleaned = True
+        os.makedirs(self._keys_dir, 0o700, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="op-", dir=self._keys_dir)
+        try:
+            conf = os.path.join(tmp, "ceph.conf")
+            t = self.config.timeoutSeconds
+            with open(conf, "w") as f:
+                if self.config.cephConf:
+                    with open(self.config.cephConf) as base:
+                        f.write(base.read() + "\n")
+                else:
+                    f.write(f"[global]\nmon_host = {','.join(self.config.monitors)}\n")
+                # One ceph-fuse per volume: no pid file or admin socket to collide on.
+                f.write(f"[client]\nclient_mount_timeout = {t}\nrados_mon_op_timeout = {t}\n"
+                        "admin_socket =\npid_file =\nlog_file =\nlog_to_stderr = false\n")
+            keyring, secret = os.path.join(tmp, "keyring"), os.path.join(tmp, "secret")
+            for path, text in ((keyring, f"[client.{creds.user}]\n\tkey = {creds.key}\n"),
+                               (secret, creds.key)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+            yield conf, keyring, secret
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- stage ---------------------------------------------------------------------------
+    def stage(self, request: StageRequest, creds: Credentials) -> None:
+        if request.capability.block:
+            raise errors.FailedPrecondition("a CephFS volume has no block device")
+        path = _subvolume_path(dict(request.context), self.config.subvolumeGroup)
+        fs_name = request.context.get("fsName") or self.config.fsName
+        options = [*self.config.mountOptions,
+                   *(o for flag in request.capability.mount_flags for o in flag.split(",") if o)]
+        if request.capability.read_only:
+            options.append("ro")
+        if self.config.mounter == "fuse":
+            self._mount_fuse(creds, fs_name, path, request.staging_path, options)
+        else:
+            self._mount_kernel(creds, fs_name, path, request.staging_path, options)
+
+    def _mount_fuse(self, creds: Credentials, fs_name: str, path: str, target: str,
+                    options: list[str]) -> None:
+        with self._files(creds) as (conf, keyring, _):
+            err_path = os.path.join(os.path.dirname(conf), "stderr")
+            fuse_opts = ",".join([f"fsname={FUSE_SOURCE}{path}", "subtype=ceph-fuse", *options])
+            with open(err_path, "wb") as err:
+                # -f: in the foreground of its own session, outliving this RPC and a driver
+                # restart; it exits when its mount point is unmounted.
+                proc = subprocess.Popen(
+                    ["ceph-fuse", "-f", "-c", conf, "-n", f"client.{creds.user}",
+                     "--keyring", keyring, "--client_fs", fs_name, "-r", path,
+                     "-o", fuse_opts, target],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                    start_new_session=True)
+            threading.Thread(target=proc.wait, name="ceph-fuse-reaper", daemon=True).start()
+            deadline = time.monotonic() + self._wait()
+            while self.mounted(target) != path:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    with open(err_path, errors="replace") as f:
+                        message = _messages(f.read())
+                    raise _mount_error(creds.user, path, message or "no answer in time")
+                time.sleep(0.01)
+        faults.point("stage")
+
+    def _mount_kernel(self, creds: Credentials, fs_name: str, path: str, target: str,
+                      options: list[str]) -> None:
+        if not self.config.monitors:
+            raise errors.InvalidArgument("mounter kernel needs monitors in the backend config")
+        with self._files(creds) as (_, _, secret):
+            opts = [f"name={creds.user}", f"secretfile={secret}", f"mds_namespace={fs_name}",
+                    *options]
+            argv = ["mount", "-t", "ceph", "-o", ",".join(opts),
+                    f"{','.join(self.config.monitors)}:{path}", target]
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True,
+                                      timeout=self._wait(), check=False)
+            except subprocess.TimeoutExpired:
+                raise errors.Unavailable(
+                    f"the CephFS mount of {path} did not finish within {self._wait():.0f}s "
+                    "(monitors or MDS unreachable?)") from None
+            if done.returncode != 0:
+                raise _mount_error(creds.user, path, (done.stderr or done.stdout).strip())
+
+    # -- unstage -------------------------------------------------------------------------
+    def unstage(self, staging_path: str) -> None:
+        pids = _fuse_pids(staging_path)
+        mounts.unmount(staging_path, wait=self.config.timeoutSeconds)
+        # ceph-fuse closes its session and exits a second or two after the unmount; one
+        # whose MDS or cluster is gone never does, and holds its callers in D state until it
+        # is killed.
+        deadline = time.monotonic() + self.config.timeoutSeconds
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if os.path.exists(f"/proc/{p}")]
+            time.sleep(0.05)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    @staticmethod
+    def mounted(path: str) -> str | None:
+        """The CephFS path mounted at `path` by one of our mounters, if any."""
+        entry = mounts.mount_at(path)
+        if entry is None:
+            return None
+        if entry.fs_type == FUSE_TYPE and entry.source.startswith(FUSE_SOURCE):
+            return entry.source[len(FUSE_SOURCE):]
+        if entry.fs_type == "ceph" and ":/" in entry.source:
+            return entry.source[entry.source.index(":/") + 1:]
+        return None
+
+    def owns(self, subvolume: str, path: str) -> bool:
+        """Whether the mount at `path` (a staging path or a bind of it) is of `subvolume`."""
+        source = self.mounted(path)
+        return source is not None and source.startswith(
+            f"/volumes/{self.config.subvolumeGroup}/{subvolume}/")
+
+    # -- health and usage ----------------------------------------------------------------
+    def condition(self, volume_path: str) -> Condition:
+        try:
+            bounded.call(f"open:{volume_path}", mounts.touch_open, volume_path,
+                         timeout=self.config.timeoutSeconds)
+        except errors.Unavailable:
+            return Condition(True, f"{volume_path} does not answer (MDS or cluster "
+                                   "unreachable?)")
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                return Condition(True, f"{volume_path}: the ceph-fuse client is gone; the "
+                                       "next publish mounts it again")
+            return Condition(True, f"{volume_path}: {exc.strerror}")
+        return Condition(False, "")
+
+    def usage(self, volume_path: str) -> tuple[int, int] | None:
+        """(quota, used bytes) from CephFS's own counters: statfs shows the quota rounded
+        down to 4 MiB."""
+        def read() -> tuple[int, int]:
+            return (int(os.getxattr(volume_path, "ceph.quota.max_bytes")),
+                    int(os.getxattr(volume_path, "ceph.dir.rbytes")))
+
+        try:
+            quota, used = bounded.call(f"usage:{volume_path}", read,
+                                       timeout=self.config.timeoutSeconds)
+        except (OSError, ValueError, errors.Unavailable):
+            return None
+        return (quota, used) if quota else None
+
+
+def _messages(stderr: str) -> str:
+    """ceph-fuse's complaints without its banners and log prefixes (time, thread, level)."""
+    lines = []
+    for line in stderr.splitlines():
+        if "ceph-fuse[" in line or "newargv" in line or not line.strip():
+            continue
+        lines.append(re.sub(r"^\S+T\S+ [0-9a-f]+ +-?\d+ ", "", line.strip()))
+    return "; ".join(lines)[-500:]
+
+
+def _mount_error(user: str, path: str, message: str) -> errors.CsiError:
+    low = message.lower()
+    if "unknown filesystem type" in low or "no such device" in low:
+        return errors.FailedPrecondition(
+            f"this node cannot mount CephFS with the kernel client (no ceph kernel module): "
+            f"{message}; load the module or set mounter: fuse")
+    if any(s in low for s in ("permission denied", "operation not permitted", "(1)",
+                               "auth_bad_method", "(13)")):
+        return errors.PermissionDenied(
+            f"Ceph refused user {user!r} the mount of {path} (wrong key or missing caps): "
+            f"{message}")
+    if "no such file" in low or "(2)" in low:
+        return errors.NotFound(f"{path} does not exist on the filesystem: {message}")
+    if "timed out" in low or "(110)" in low or "no answer" in low:
+        return errors.Unavailable(f"the mount of {path} got no answer (monitors or MDS "
+                                  f"unreachable?): {message}")
+    return errors.Internal(f"the mount of {path} failed: {message}")
+
+
+def _fuse_pids(mount_point: str) -> list[int]:
+    """The ceph-fuse processes serving `mount_point` (their last argument)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]) == b"ceph-fuse" and argv[-1] == os.fsencode(
+                mount_point):
+            out.append(int(pid))
+    return out
