@@ -526,30 +526,6 @@ def test_dead_client_is_abnormal_and_remounted_at_the_next_publish(fsd: Driver,
         delete(fsd, vol.volume_id)
 
 
-def test_mds_gone_is_abnormal_and_unstage_is_bounded(fsd: Driver, tmp_path: Path) -> None:
-    fs = fs_of(fsd)
-    vol = create(fsd, "pvc-mds")
-    s, t = tmp_path / "s", tmp_path / "t"
-    stage(fsd, vol, s)
-    publish(fsd, vol, s, t)
-    ok(f"echo x > {t}/f && sync")
-    fs.stop_mds()
-    try:
-        t0 = time.monotonic()
-        stats = fsd.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
-            volume_id=vol.volume_id, volume_path=str(t)), timeout=60)
-        assert stats.volume_condition.abnormal, stats
-        unpublish(fsd, vol, t)
-        unstage(fsd, vol, s)
-        assert time.monotonic() - t0 < 45
-        assert "ceph-fuse" not in ok(f"grep -F ' {s} ' /proc/self/mountinfo || true")
-        assert not [p for p in ok("pgrep -x ceph-fuse || true").split()
-                    if str(s).encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
-    finally:
-        fs.start_mds()
-    delete(fsd, vol.volume_id)
-
-
 def test_kernel_mounter_without_the_module_says_so(cephfs: Filesystem, tmp_path: Path
                                                    ) -> None:
     """What runs here: the kernel mounter's refusal on a node without the ceph module. The
@@ -602,3 +578,39 @@ def test_record_is_json_in_the_metadata_pool(fsd: Driver) -> None:
         assert rec["path"] == vol.volume_context["subvolumePath"]
     finally:
         delete(fsd, vol.volume_id)
+
+
+# Last: the mgr's volumes module needs a moment once the MDS answers again.
+def test_mds_not_answering_is_abnormal_and_unstage_is_bounded(fsd: Driver, tmp_path: Path
+                                                              ) -> None:
+    fs = fs_of(fsd)
+    vol = create(fsd, "pvc-mds")
+    s, t = tmp_path / "s", tmp_path / "t"
+    stage(fsd, vol, s)
+    publish(fsd, vol, s, t)
+    ok(f"echo x > {t}/f && sync")
+    fs.pause_mds()
+    try:
+        t0 = time.monotonic()
+        stats = fsd.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
+            volume_id=vol.volume_id, volume_path=str(t)), timeout=60)
+        assert stats.volume_condition.abnormal, stats
+        unpublish(fsd, vol, t)
+        unstage(fsd, vol, s)
+        assert time.monotonic() - t0 < 45
+        assert "ceph-fuse" not in ok(f"grep -F ' {s} ' /proc/self/mountinfo || true")
+        assert not [p for p in ok("pgrep -x ceph-fuse || true").split()
+                    if str(s).encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+    finally:
+        fs.resume_mds()
+    # The volumes module takes a while to reach the MDS again: UNAVAILABLE until then (as the
+    # provisioner would, retry).
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            delete(fsd, vol.volume_id)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == Code.UNAVAILABLE and time.monotonic() < deadline, exc
+            time.sleep(1)
+    assert subvolume(fsd, vol) not in fs.subvolumes()

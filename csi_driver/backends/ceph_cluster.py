@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .. import errors
+from .. import errors, requestid
 from .ceph_config import CephClusterConfig
 
 T = TypeVar("T")
@@ -103,8 +103,13 @@ class _Handle:
 class Cluster:
     """librados handles per credential, opened on demand and kept for reuse."""
 
-    def __init__(self, config: CephClusterConfig, pool: str = "", namespace: str = "") -> None:
+    def __init__(self, config: CephClusterConfig, pool: str = "", namespace: str = "",
+                 commands_in_threads: bool = False) -> None:
         self.config = config
+        # librados (16.2) crashes when a mgr command it timed out is answered later (the
+        # MgrClient frees the request first): a backend that talks to the mgr turns librados'
+        # command timeout off and bounds mon and mgr commands with a thread of its own.
+        self.commands_in_threads = commands_in_threads
         # Where call() and ioctx() work: the RBD pool, or the CephFS metadata pool.
         self.pool = pool
         self.namespace = namespace
@@ -117,7 +122,7 @@ class Cluster:
             "key": creds.key,
             "keyring": "",  # the key above is all it needs: no default keyring lookups
             "client_mount_timeout": timeout,
-            "rados_mon_op_timeout": timeout,
+            "rados_mon_op_timeout": "0" if self.commands_in_threads else timeout,
             "rados_osd_op_timeout": timeout,
             "log_to_stderr": "false",
             "err_to_stderr": "false",
@@ -198,31 +203,54 @@ class Cluster:
         with self._lock:
             return {int(h.rados.get_instance_id()) for h in self._handles.values()}
 
-    def mon_command(self, creds: Credentials, command: dict[str, str], what: str
+    def mon_command(self, creds: Credentials, command: Mapping[str, Any], what: str
                     ) -> tuple[int, bytes]:
-        with self._use(creds) as handle:
-            try:
-                ret, out, _ = handle.mon_command(json.dumps(command), b"",
-                                                 timeout=self.config.timeoutSeconds)
-            except Exception as exc:
-                raise translate(exc, creds.user, what) from None
-        return int(ret), bytes(out)
+        ret, out, _ = self._command(creds, "mon_command", command, what)
+        return ret, out
 
     def mgr_command(self, creds: Credentials, command: Mapping[str, Any], what: str
                     ) -> tuple[int, bytes, str]:
         """A ceph-mgr command (the CephFS volumes module): (return code, output, status text).
         One call on the cached connection costs a few ms; the `ceph` CLI ~190 ms more."""
-        with self._use(creds) as handle:
-            try:
-                ret, out, status = handle.mgr_command(json.dumps(command), b"",
-                                                      timeout=self.config.timeoutSeconds)
-            except Exception as exc:
-                import rados
+        return self._command(creds, "mgr_command", command, what)
 
-                if isinstance(exc, rados.TimedOut | rados.PermissionDeniedError):
-                    self.forget(creds)
-                raise translate(exc, creds.user, what) from None
-        return int(ret), bytes(out), str(status)
+    def _command(self, creds: Credentials, kind: str, command: Mapping[str, Any], what: str
+                 ) -> tuple[int, bytes, str]:
+        def run() -> tuple[int, bytes, str]:
+            with self._use(creds) as handle:
+                try:
+                    ret, out, status = getattr(handle, kind)(json.dumps(command), b"")
+                except Exception as exc:
+                    import rados
+
+                    if isinstance(exc, rados.TimedOut | rados.PermissionDeniedError):
+                        self.forget(creds)
+                    raise translate(exc, creds.user, what) from None
+            return int(ret), bytes(out), str(status)
+
+        if not self.commands_in_threads:
+            return run()
+        # The thread keeps its handle in use, so it is never shut down under the call; it
+        # ends when the mgr (or its successor) answers.
+        box: list[tuple[int, bytes, str] | BaseException] = []
+        done = threading.Event()
+
+        def in_thread() -> None:
+            try:
+                box.append(run())
+            except BaseException as exc:
+                box.append(exc)
+            done.set()
+
+        threading.Thread(target=requestid.in_context(in_thread), name=f"ceph {kind}",
+                         daemon=True).start()
+        if not done.wait(self.config.timeoutSeconds):
+            daemon = "mgr" if kind == "mgr_command" else "monitors"
+            raise errors.Unavailable(f"{what}: the Ceph {daemon} did not answer within "
+                                     f"{self.config.timeoutSeconds}s")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
 
     @contextlib.contextmanager
     def ioctx(self, creds: Credentials) -> Iterator[Any]:

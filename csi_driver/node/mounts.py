@@ -10,6 +10,7 @@ import ctypes
 import errno
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from ..errors import FailedPrecondition, Internal, InvalidArgument, Unavailable
@@ -237,7 +238,7 @@ def unmount(target: str, wait: float = 10.0, lazy: bool = True) -> bool:
         # Busy: by a user, or by our own call stuck on a filesystem that no longer answers (or
         # answers ESTALE): only a healthy filesystem's busy mount is the caller's problem.
         try:
-            bounded.call(f"probe:{target}", touch_open, target, timeout=min(wait, 2.0))
+            bounded.call(f"probe:{target}", answers, target, timeout=min(wait, 2.0))
         except (Unavailable, OSError):
             if not lazy:
                 raise
@@ -263,6 +264,17 @@ def touch_open(path: str) -> None:
     """Open and close `path`: unlike stat, which NFS answers from its attribute cache for up to
     a minute, an open revalidates with the server (close-to-open), so ESTALE shows at once."""
     os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+
+
+def answers(path: str) -> None:
+    """Raise unless the filesystem at `path` answers: an open (NFS revalidates, ESTALE shows)
+    and a lookup of a name nobody made (no cache can answer it: a FUSE client whose server is
+    gone, such as ceph-fuse without its MDS, serves cached opens but blocks here)."""
+    touch_open(path)
+    try:
+        os.stat(os.path.join(path, f".berth-probe-{os.getpid()}-{time.monotonic_ns()}"))
+    except FileNotFoundError:
+        return
 
 
 def same_object(a: str, b: str) -> bool:

@@ -9,6 +9,7 @@ call block for seconds); the MDS cache is held to 128 MiB.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -66,6 +67,22 @@ class Filesystem:
         if done.returncode != 0:
             raise CephError(f"getxattr {path} {name}: {done.stderr.strip()[-500:]}")
         return done.stdout.strip()
+
+    def pause_mds(self) -> None:
+        """SIGSTOP the MDS: it stops answering, as a hung or unreachable one does."""
+        os.kill(self.cluster._daemons[self.mds].pid, signal.SIGSTOP)
+
+    def resume_mds(self, timeout: float = 120) -> None:
+        """SIGCONT it, then wait until the mgr's volumes module answers again."""
+        os.kill(self.cluster._daemons[self.mds].pid, signal.SIGCONT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.subvolumes()
+                return
+            except CephError:
+                if time.monotonic() > deadline:
+                    raise
 
     def stop_mds(self) -> None:
         self.cluster.stop_daemon(self.mds)

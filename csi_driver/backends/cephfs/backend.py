@@ -61,7 +61,8 @@ class CephfsBackend(Backend[CephfsConfig]):
 
     def __init__(self, name: str, config: CephfsConfig, node: NodeInfo) -> None:
         super().__init__(name, config, node)
-        self.cluster = Cluster(config, namespace=records.namespace(config.subvolumeGroup))
+        self.cluster = Cluster(config, namespace=records.namespace(config.subvolumeGroup),
+                               commands_in_threads=True)
         self.volumes = Subvolumes(self.cluster, config)
         self.mounter = Mounter(config)
         self._data_pool = ""

@@ -132,7 +132,7 @@ class Mounter:
             opts = [f"name={creds.user}", f"secretfile={secret}", f"mds_namespace={fs_name}",
                     *options]
             argv = ["mount", "-t", "ceph", "-o", ",".join(opts),
-                    f"{','.join(self.config.monitors)}:{path}", target]
+                    f"{','.join(_v1(m) for m in self.config.monitors)}:{path}", target]
             try:
                 done = subprocess.run(argv, capture_output=True, text=True,
                                       timeout=self._wait(), check=False)
@@ -206,6 +206,17 @@ class Mounter:
         return (quota, used) if quota else None
 
 
+def _v1(monitor: str) -> str:
+    """A monitor as mount.ceph takes it: of an address vector "[v2:IP:P2,v1:IP:P1]" the v1
+    address (the kernel client speaks msgr1 by default)."""
+    if monitor.startswith("["):
+        for addr in monitor.strip("[]").split(","):
+            if addr.startswith("v1:"):
+                return addr[3:]
+        return monitor.strip("[]").split(",")[0].split(":", 1)[-1]
+    return monitor
+
+
 def _messages(stderr: str) -> str:
     """ceph-fuse's complaints without its banners and log prefixes (time, thread, level)."""
     lines = []
@@ -218,7 +229,8 @@ def _messages(stderr: str) -> str:
 
 def _mount_error(user: str, path: str, message: str) -> errors.CsiError:
     low = message.lower()
-    if "unknown filesystem type" in low or "no such device" in low:
+    if any(s in low for s in ("unknown filesystem type", "no such device",
+                               "not supported by the system")):
         return errors.FailedPrecondition(
             f"this node cannot mount CephFS with the kernel client (no ceph kernel module): "
             f"{message}; load the module or set mounter: fuse")
