@@ -30,8 +30,9 @@ LABEL org.opencontainers.image.title="berth" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 # The node tools each backend needs: util-linux (mount, losetup, blkid, fsfreeze), mkfs and grow
-# for ext4/xfs, ceph-common (rbd map), rbd-nbd, rbd-fuse (+ fuse3 to unmount it), libnfs13 for the
-# NFS controller, python3-rbd/rados for the RBD controller. No compilers, no apt lists.
+# for ext4/xfs, ceph-common (rbd map, mount.ceph), rbd-nbd, rbd-fuse and ceph-fuse (+ fuse3 to
+# unmount them), libnfs13 for the NFS controller, python3-rbd/rados for the RBD and CephFS
+# controllers. No compilers, no apt lists.
 # Documentation, manuals and translations are left out (licences stay), as in Debian's slim images.
 # hadolint ignore=DL3008
 RUN printf '%s\n' 'path-exclude=/usr/share/doc/*' 'path-include=/usr/share/doc/*/copyright' \
@@ -40,7 +41,7 @@ RUN printf '%s\n' 'path-exclude=/usr/share/doc/*' 'path-include=/usr/share/doc/*
  && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       python3 python3-rbd python3-rados util-linux mount e2fsprogs xfsprogs \
-      ceph-common rbd-nbd rbd-fuse fuse3 libnfs13 ca-certificates \
+      ceph-common rbd-nbd rbd-fuse ceph-fuse fuse3 libnfs13 ca-certificates \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/cache/debconf/*-old /var/log/apt \
       /var/log/dpkg.log \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin berth

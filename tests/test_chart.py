@@ -139,7 +139,7 @@ def rendered(helm_env: dict[str, str]) -> Iterator[dict[str, list[dict[str, Any]
 
 
 def test_examples_exist() -> None:
-    assert EXAMPLES == ["cinder", "hostpath", "nfs", "rbd"]
+    assert EXAMPLES == ["cephfs", "cinder", "hostpath", "nfs", "rbd"]
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
@@ -244,12 +244,15 @@ def test_attach_and_modes(rendered: dict[str, list[dict[str, Any]]], example: st
         assert "--node-deployment" in node["csi-provisioner"]["args"]
         assert _args(node["driver"])["--mode"] == "all"
     else:
-        assert csidriver["attachRequired"] is True
+        # CephFS volumes need no attach step: every node mounts the filesystem itself.
+        attaches = example != "cephfs"
+        assert csidriver["attachRequired"] is attaches
         controller = _containers(kind(docs, "Deployment")[0])
-        assert {"csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter",
+        assert {"csi-provisioner", "csi-resizer", "csi-snapshotter",
                 "liveness-probe"} <= set(controller)
+        assert ("csi-attacher" in controller) is attaches
         assert "--extra-create-metadata" in controller["csi-provisioner"]["args"]
-        for name in ("csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter"):
+        for name in ("csi-provisioner", "csi-resizer", "csi-snapshotter"):
             assert "--leader-election" in controller[name]["args"], name
         assert _args(controller["driver"])["--mode"] == "controller"
         assert _args(node["driver"])["--mode"] == "node"

@@ -1,7 +1,7 @@
 """CSI spec rules, the same tests run against every backend and layout: hostPath (directory,
 image, block), RBD on the session's real Ceph (mount, block; the node attaches with rbd-fuse) and
 NFS on the session's real NFS-Ganesha (directory, image; the node runs in the User-Mode Linux
-guest, whose kernel mounts NFS).
+guest, whose kernel mounts NFS), Cinder (mount, block) and CephFS (ceph-fuse on this host).
 
 Each rule is parametrized only over the layouts that have the feature it is about: the attach
 rules run where the backend attaches (RBD, NFS), the hand-over of data between two nodes where
@@ -32,11 +32,14 @@ from csi_driver.csi import csi_pb2 as pb
 from csi_driver.csi import csi_pb2_grpc as pb_grpc
 
 from .ceph.cluster import CephCluster
+from .ceph.filesystem import Filesystem
 from .conftest import needs_root, status_of
 from .harness import NODE_ID, Driver, GiB, MiB, block_cap, mount_cap, start_driver, write_config
 from .nfs.fixtures import GUEST_NODE_ID, GuestNode
 from .nfs.guest import Guest
 from .openstack.fixtures import OpenStack
+from .test_cephfs import backend_config as cephfs_config
+from .test_cephfs import secrets as cephfs_secrets
 from .test_cinder import backend_config as cinder_config
 
 pytestmark = needs_root
@@ -51,7 +54,7 @@ WAIT = 60  # seconds any one RPC may take (an NFS mount in the guest takes about
 @dataclass(frozen=True)
 class Layout:
     id: str
-    system: str  # hostpath, rbd, nfs or cinder
+    system: str  # hostpath, rbd, nfs, cinder or cephfs
     params: tuple[tuple[str, str], ...]
     block: bool = False
     size: int = 16 * MiB  # what the tests ask for (Cinder volumes come in whole GiB)
@@ -60,7 +63,7 @@ class Layout:
     def attaches(self) -> bool:
         """ControllerPublish records the node (and refuses a second one of a single-node
         volume)."""
-        return self.system != "hostpath"
+        return self.system not in ("hostpath", "cephfs")
 
     @property
     def held_to_one_node(self) -> bool:
@@ -79,6 +82,7 @@ LAYOUTS = [
     Layout("nfs-image", "nfs", (("backend", "nfs"), ("volumeLayout", "image"))),
     Layout("cinder-mount", "cinder", (("backend", "os"),), size=GiB),
     Layout("cinder-block", "cinder", (("backend", "os"),), block=True, size=GiB),
+    Layout("cephfs", "cephfs", (("backend", "fs"),)),
 ]
 ALL = [pytest.param(x, id=x.id) for x in LAYOUTS]
 ATTACHING = [pytest.param(x, id=x.id) for x in LAYOUTS if x.attaches]
@@ -233,6 +237,29 @@ def spec_cinder_node2(openstack_cloud: OpenStack, tmp_path_factory: pytest.TempP
     assert d.stop() == 0, d.log()
 
 
+CEPHFS_NODE_2 = "spec-cephfs-node-2"
+
+
+@pytest.fixture(scope="session")
+def spec_cephfs(cephfs: Filesystem, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Driver]:
+    """The CephFS backend `fs` (ceph-fuse on this host): controller and first node."""
+    tmp = tmp_path_factory.mktemp("spec-cephfs")
+    d = start_driver(tmp, write_config(tmp / "c.yaml", {"fs": cephfs_config(cephfs, tmp)}))
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+@pytest.fixture(scope="session")
+def spec_cephfs_node2(cephfs: Filesystem, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[Driver]:
+    tmp = tmp_path_factory.mktemp("spec-cephfs-node2")
+    d = start_driver(tmp, write_config(tmp / "c.yaml", {"fs": cephfs_config(cephfs, tmp)}),
+                     "--node-id", CEPHFS_NODE_2, "--mode", "node")
+    yield d
+    assert d.stop() == 0, d.log()
+
+
 @pytest.fixture(scope="session")
 def outside_dir() -> Iterator[str]:
     """An existing directory that is not beneath the kubelet directory (the temporary
@@ -278,6 +305,17 @@ def env(request: pytest.FixtureRequest, tmp_path: Path, vname: str, outside_dir:
                             _host_shell)
 
         return Env(layout, d, "os", {}, host, cinder_second)
+    if layout.system == "cephfs":
+        d = request.getfixturevalue("spec_cephfs")
+        fs: Filesystem = request.getfixturevalue("cephfs")
+        host = NodeSide(NODE_ID, d.node, str(tmp_path / "n1"), outside_dir, _host_shell)
+
+        def cephfs_second() -> NodeSide:
+            other: Driver = request.getfixturevalue("spec_cephfs_node2")
+            return NodeSide(CEPHFS_NODE_2, other.node, str(tmp_path / "n2"), outside_dir,
+                            _host_shell)
+
+        return Env(layout, d, "fs", cephfs_secrets(fs), host, cephfs_second)
     assert layout.system == "nfs"
     d = request.getfixturevalue("nfs_driver")
     guest: Guest = request.getfixturevalue("guest")

@@ -58,8 +58,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- fail "config.backends is empty: configure at least one backend (see examples/)" -}}
 {{- end -}}
 {{- $types := splitList "," (include "berth.types" .) -}}
-{{- if and .Values.nodeLocal (or (has "nfs" $types) (has "rbd" $types) (has "cinder" $types)) -}}
-{{- fail "nodeLocal: true serves hostpath backends only; put nfs, rbd and cinder backends in a release of their own" -}}
+{{- if and .Values.nodeLocal (or (has "nfs" $types) (has "rbd" $types) (has "cinder" $types) (has "cephfs" $types)) -}}
+{{- fail "nodeLocal: true serves hostpath backends only; put nfs, rbd, cinder and cephfs backends in a release of their own" -}}
 {{- end -}}
 {{- include "berth.checkHostpathPaths" . -}}
 {{- if and (not .Values.nodeLocal) (has "hostpath" $types) -}}

@@ -146,7 +146,17 @@ class Mounter:
     # -- unstage -------------------------------------------------------------------------
     def unstage(self, staging_path: str) -> None:
         pids = _fuse_pids(staging_path)
-        mounts.unmount(staging_path, wait=self.config.timeoutSeconds)
+        # A ceph-fuse mount made a moment ago can answer EBUSY for a short while (seen right
+        # after NodeStage); a mount that stays busy is a user's and the error stands.
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                mounts.unmount(staging_path, wait=self.config.timeoutSeconds)
+                break
+            except errors.FailedPrecondition:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         # ceph-fuse closes its session and exits a second or two after the unmount; one
         # whose MDS or cluster is gone never does, and holds its callers in D state until it
         # is killed.
