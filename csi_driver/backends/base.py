@@ -117,6 +117,9 @@ class Query:
     local_id: str = ""
     source_volume: str = ""  # snapshots of this volume
     group: str = ""  # snapshots of this group snapshot
+    # Whether Volume.condition is wanted: a backend that asks its storage for it may skip that
+    # when the caller only needs to know that the volume exists.
+    condition: bool = True
 
     def wants(self, local_id: str, source_volume: str = "", group: str = "") -> bool:
         return ((not self.local_id or local_id == self.local_id)

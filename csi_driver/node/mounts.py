@@ -310,3 +310,21 @@ def ensure_bind(source: str, target: str, flags: int, make: str = "dir",
             with open(target, "x"):
                 pass
     bind(source, target, flags)
+
+
+def daemons_serving(tool: str, mount_point: str) -> list[int]:
+    """The pids of `tool` processes (rbd-fuse, ceph-fuse) whose last argument is `mount_point`:
+    FUSE daemons serving it, ours or a previous driver's."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+        except OSError:
+            continue
+        if (argv and os.path.basename(argv[0]) == os.fsencode(tool)
+                and argv[-1] == os.fsencode(mount_point)):
+            found.append(int(pid))
+    return found

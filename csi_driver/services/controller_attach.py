@@ -137,7 +137,8 @@ class AttachRPCs:
             return pb.ControllerUnpublishVolumeResponse()
         parsed, backend = found
         with self.driver.locks.hold(f"id:{request.volume_id}"):
-            if lookup.volume(backend, parsed.local, secrets=request.secrets) is None:
+            if lookup.volume(backend, parsed.local, secrets=request.secrets,
+                             condition=False) is None:
                 return pb.ControllerUnpublishVolumeResponse()
             backend.detach(parsed.local, request.node_id, secrets=request.secrets)
         return pb.ControllerUnpublishVolumeResponse()

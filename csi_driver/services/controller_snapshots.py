@@ -35,7 +35,8 @@ class SnapshotRPCs:
         if not backend.features.snapshots:
             raise errors.InvalidArgument(f"backend {parsed.backend!r} cannot take snapshots")
         with self.driver.locks.hold(f"name:{request.name}", f"id:{request.source_volume_id}"):
-            if lookup.volume(backend, parsed.local, secrets=request.secrets) is None:
+            if lookup.volume(backend, parsed.local, secrets=request.secrets,
+                             condition=False) is None:
                 raise errors.NotFound(f"volume {request.source_volume_id!r} does not exist")
             snap = backend.create_snapshot(SnapshotRequest(
                 name=request.name, source_volume=parsed.local,

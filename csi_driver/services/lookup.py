@@ -7,9 +7,10 @@ from typing import Any
 from ..backends.base import Backend, Query, Secrets, Snapshot, Volume
 
 
-def volume(backend: Backend[Any], local_id: str, *, secrets: Secrets) -> Volume | None:
-    return next((v for v in backend.list_volumes(Query(local_id=local_id, secrets=secrets))
-                 if v.local_id == local_id), None)
+def volume(backend: Backend[Any], local_id: str, *, secrets: Secrets, condition: bool = True
+           ) -> Volume | None:
+    query = Query(local_id=local_id, secrets=secrets, condition=condition)
+    return next((v for v in backend.list_volumes(query) if v.local_id == local_id), None)
 
 
 def snapshot(backend: Backend[Any], local_id: str, *, secrets: Secrets) -> Snapshot | None:

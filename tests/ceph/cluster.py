@@ -245,17 +245,6 @@ class CephCluster:
         if proc.poll() is not None:
             raise CephError(f"{name} exited with status {proc.returncode}")
 
-    def stop_daemon(self, name: str, grace: float = 20.0) -> None:
-        """Stop one daemon (SIGTERM, SIGKILL after `grace`), e.g. to test a missing MDS."""
-        proc = self._daemons.pop(name)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
-
     def stop(self, purge: bool = False, grace: float = 20.0) -> None:
         """Stop the daemons, newest first: SIGTERM, then SIGKILL after `grace` seconds each.
         The directory (data, logs) stays unless `purge`."""

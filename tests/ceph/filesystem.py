@@ -84,9 +84,6 @@ class Filesystem:
                 if time.monotonic() > deadline:
                     raise
 
-    def stop_mds(self) -> None:
-        self.cluster.stop_daemon(self.mds)
-
     def start_mds(self, timeout: float = 60, wait: bool = True) -> None:
         conf = str(self.cluster.conf)
         self.cluster._spawn(self.mds, ["ceph-mds", "-c", conf, "-i", MDS_ID, "-f"])

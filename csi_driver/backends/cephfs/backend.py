@@ -256,11 +256,15 @@ class CephfsBackend(Backend[CephfsConfig]):
             return "no reason given"
 
     def _wait_clone(self, creds: Credentials, sub: str, state: str) -> str:
-        # Polls back off (each status call queues in the mgr behind every other command).
-        deadline, pause = time.monotonic() + CLONE_WAIT, 0.05
-        while state in ("pending", "in-progress") and time.monotonic() < deadline:
+        # Each status call queues in the mgr behind every other command.
+        # Every 50 ms for the first second (most clones of a small volume are done by then),
+        # then backing off.
+        start = time.monotonic()
+        pause = 0.05
+        while state in ("pending", "in-progress") and time.monotonic() < start + CLONE_WAIT:
             time.sleep(pause)
-            pause = min(pause * 1.5, 1.0)
+            if time.monotonic() > start + 1.0:
+                pause = min(pause * 1.5, 1.0)
             state = self._clone_state(creds, sub) or "canceled"
         return state
 
@@ -332,7 +336,9 @@ class CephfsBackend(Backend[CephfsConfig]):
         found = self._records(creds, "listing the volume records", scan)
         if not found:
             return iter(())
-        if query.local_id:
+        if not query.condition:
+            conditions: dict[str, Condition | None] = {i: None for i, _ in found}
+        elif query.local_id:
             conditions = {query.local_id: self._condition(creds, self._sub(query.local_id))}
         else:
             listed = {s["name"] for s in self.volumes.json(

@@ -145,7 +145,7 @@ class Mounter:
 
     # -- unstage -------------------------------------------------------------------------
     def unstage(self, staging_path: str) -> None:
-        pids = _fuse_pids(staging_path)
+        pids = mounts.daemons_serving("ceph-fuse", staging_path)
         # A ceph-fuse mount made a moment ago can answer EBUSY for a short while (seen right
         # after NodeStage); a mount that stays busy is a user's and the error stands.
         deadline = time.monotonic() + 2.0
@@ -255,20 +255,3 @@ def _mount_error(user: str, path: str, message: str) -> errors.CsiError:
         return errors.Unavailable(f"the mount of {path} got no answer (monitors or MDS "
                                   f"unreachable?): {message}")
     return errors.Internal(f"the mount of {path} failed: {message}")
-
-
-def _fuse_pids(mount_point: str) -> list[int]:
-    """The ceph-fuse processes serving `mount_point` (their last argument)."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")[:-1]
-        except OSError:
-            continue
-        if argv and os.path.basename(argv[0]) == b"ceph-fuse" and argv[-1] == os.fsencode(
-                mount_point):
-            out.append(int(pid))
-    return out

@@ -132,7 +132,7 @@ class Attacher:
                     os.rmdir(where)
             # rbd-fuse closes the image (drops its watch) only as it exits, a moment after the
             # unmount: until then the image counts as attached and a DeleteVolume is refused.
-            self._wait_exit(_fuse_pids(where), image)
+            self._wait_exit(mounts.daemons_serving("rbd-fuse", where), image)
             return
         tool = ["rbd", "device", "unmap"] if self.config.mounter == "krbd" else ["rbd-nbd", "unmap"]
         for device in self.attached(image):
@@ -199,22 +199,6 @@ class Attacher:
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
-
-
-def _fuse_pids(where: str) -> list[int]:
-    """The rbd-fuse processes serving mount point `where` (ours, or a previous driver's)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")[:-1]
-        except OSError:
-            continue
-        if argv and os.path.basename(argv[0]) == b"rbd-fuse" and argv[-1] == where.encode():
-            found.append(int(pid))
-    return found
 
 
 def _alive(pid: int) -> bool:
