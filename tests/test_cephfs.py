@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 from csi_driver.csi import csi_pb2 as pb
+from csi_driver.ids import local_id_for_name
 
 from .ceph.filesystem import Filesystem
 from .conftest import needs_root
@@ -190,6 +191,7 @@ def test_two_nodes_share_a_volume_with_its_quota(fsd: Driver, node2: Driver,
     by_unit = {u.unit: u for u in stats.usage}
     assert by_unit[pb.VolumeUsage.BYTES].total == 40 * MiB
     assert 8 * MiB <= by_unit[pb.VolumeUsage.BYTES].used <= 9 * MiB
+    assert pb.VolumeUsage.INODES not in by_unit  # ceph-fuse has no inode figures to give
     assert not stats.volume_condition.abnormal
     # CephFS clients enforce quotas from statistics the MDS hands out lazily: a write stops
     # some MiB late (2-25 MiB over a 40 MiB quota seen here with two clients mounted).
@@ -420,18 +422,32 @@ def test_wrong_key_is_permission_denied_naming_the_user(fsd: Driver, tmp_path: P
         delete(fsd, vol.volume_id)
 
 
-def test_forged_context_is_refused(fsd: Driver, tmp_path: Path) -> None:
-    vol = create(fsd, "pvc-forged")
+def test_forged_context_and_flags_are_refused(fsd: Driver, tmp_path: Path) -> None:
+    vol, other = create(fsd, "pvc-forged"), create(fsd, "pvc-forged-other")
     try:
-        for path in ("/", "/volumes/csi/../..", "/volumes/other/x/y", "/etc"):
+        for path in ("/", "/volumes/csi/../..", "/volumes/other/x/y", "/etc",
+                     other.volume_context["subvolumePath"]):
             forged = pb.Volume()
             forged.CopyFrom(vol)
             forged.volume_context["subvolumePath"] = path
             with pytest.raises(grpc.RpcError) as err:
                 stage(fsd, forged, tmp_path / "s")
             assert err.value.code() == Code.INVALID_ARGUMENT, path
+        # Mount flags may not set what tells the mount apart (or the credentials).
+        (tmp_path / "s").mkdir(exist_ok=True)
+        for flag in (f"fsname=berth:{other.volume_context['subvolumePath']}", "subtype=x",
+                     "secretfile=/etc/shadow"):
+            cap = mount_cap(Mode.MULTI_NODE_MULTI_WRITER, flags=(flag,))
+            with pytest.raises(grpc.RpcError) as err:
+                fsd.node.NodeStageVolume(pb.NodeStageVolumeRequest(
+                    volume_id=vol.volume_id, staging_target_path=str(tmp_path / "s"),
+                    volume_capability=cap, volume_context=vol.volume_context,
+                    secrets=secrets(fs_of(fsd))), timeout=30)
+            assert err.value.code() == Code.INVALID_ARGUMENT, flag
+        assert "ceph-fuse" not in ok(f"grep -F ' {tmp_path}/s ' /proc/self/mountinfo || true")
     finally:
         delete(fsd, vol.volume_id)
+        delete(fsd, other.volume_id)
 
 
 def test_missing_filesystem_and_dead_monitors(cephfs: Filesystem, tmp_path: Path) -> None:
@@ -514,6 +530,8 @@ def test_dead_client_is_abnormal_and_remounted_at_the_next_publish(fsd: Driver,
         assert len(pids) == 1
         os.kill(pids[0], signal.SIGKILL)
         time.sleep(0.5)
+        # Its MDS session keeps its caps until evicted (see Filesystem.evict_client_of).
+        assert fs_of(fsd).evict_client_of(pids[0]) == 1
         stats = fsd.node.NodeGetVolumeStats(pb.NodeGetVolumeStatsRequest(
             volume_id=vol.volume_id, volume_path=str(t)), timeout=30)
         assert stats.volume_condition.abnormal
@@ -524,6 +542,62 @@ def test_dead_client_is_abnormal_and_remounted_at_the_next_publish(fsd: Driver,
         unstage(fsd, vol, s)
     finally:
         delete(fsd, vol.volume_id)
+
+
+def test_refusals_leave_nothing_behind(fsd: Driver) -> None:
+    """A bad mutable parameter, or a clone over limit_bytes, is refused before anything is
+    made: no subvolume, no temporary snapshot on the source."""
+    fs = fs_of(fsd)
+    before = set(fs.subvolumes())
+    for pin in ("-2", "abc", "", "0x1", "\uff11", "99999999999999999999"):
+        req = pb.CreateVolumeRequest(name=f"pvc-badpin-{len(pin)}", volume_capabilities=[
+            mount_cap()], secrets=secrets(fs), mutable_parameters={"exportPin": pin})
+        with pytest.raises(grpc.RpcError) as err:
+            fsd.controller.CreateVolume(req, timeout=30)
+        assert err.value.code() == Code.INVALID_ARGUMENT, pin
+    src = create(fsd, "pvc-limit-src", 64 * MiB)
+    try:
+        req = pb.CreateVolumeRequest(
+            name="pvc-limit-clone", volume_capabilities=[mount_cap()], secrets=secrets(fs),
+            capacity_range=pb.CapacityRange(required_bytes=8 * MiB, limit_bytes=16 * MiB))
+        req.volume_content_source.volume.volume_id = src.volume_id
+        with pytest.raises(grpc.RpcError) as err:
+            fsd.controller.CreateVolume(req, timeout=30)
+        assert err.value.code() == Code.OUT_OF_RANGE
+        assert fs.snapshots(subvolume(fsd, src)) == []
+    finally:
+        delete(fsd, src.volume_id)
+    assert set(fs.subvolumes()) == before
+
+
+def test_mgr_not_answering_is_unavailable_and_nothing_leaks(fsd: Driver) -> None:
+    """librados 16.2 crashes on a late answer to a mgr command it timed out: the driver bounds
+    the calls itself, survives the answer, and a create the mgr runs late is still ours to
+    delete."""
+    fs = fs_of(fsd)
+    mgr = fs.cluster._daemons["mgr.x"]
+    os.kill(mgr.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            create(fsd, "pvc-mgr-stalled")
+        assert err.value.code() == Code.UNAVAILABLE and time.monotonic() - t0 < 15
+        assert "mgr" in (err.value.details() or "")
+    finally:
+        os.kill(mgr.pid, signal.SIGCONT)
+    vid = "fs:" + local_id_for_name("pvc-mgr-stalled")
+    deadline = time.monotonic() + 60
+    while True:  # the queued create runs first, then this delete removes it
+        try:
+            delete(fsd, vid)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == Code.UNAVAILABLE and time.monotonic() < deadline, exc
+            time.sleep(1)
+    assert subvolume(fsd, vid) not in fs.subvolumes()
+    assert fsd.proc.poll() is None, "the driver died of the mgr's late answers"
+    assert create(fsd, "pvc-after-mgr").volume_id  # and works again
+    delete(fsd, create(fsd, "pvc-after-mgr").volume_id)
 
 
 def test_kernel_mounter_without_the_module_says_so(cephfs: Filesystem, tmp_path: Path

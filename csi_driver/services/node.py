@@ -323,13 +323,16 @@ class NodeService(pb_grpc.NodeServicer):
         else:
             total, used = (backend.node_usage(parsed.local, path)
                            or (st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize))
-            response.usage.extend([
+            response.usage.append(
                 pb.VolumeUsage(unit=unit.BYTES, total=total,
                                available=max(0, min(total - used, st.f_bavail * st.f_frsize)),
-                               used=used),
-                pb.VolumeUsage(unit=unit.INODES, total=st.f_files, available=st.f_favail,
-                               used=st.f_files - st.f_ffree),
-            ])
+                               used=used))
+            # Inode figures only where the filesystem has them (ceph-fuse reports nonsense:
+            # 1 total, 2 used).
+            if 0 <= st.f_ffree <= st.f_files and 0 <= st.f_favail <= st.f_files:
+                response.usage.append(
+                    pb.VolumeUsage(unit=unit.INODES, total=st.f_files, available=st.f_favail,
+                                   used=st.f_files - st.f_ffree))
         if backend.features.volume_condition:
             response.volume_condition.CopyFrom(
                 convert.condition_pb(backend.node_condition(parsed.local, path)))

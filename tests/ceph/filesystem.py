@@ -8,6 +8,7 @@ call block for seconds); the MDS cache is held to 128 MiB.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,6 +68,17 @@ class Filesystem:
         if done.returncode != 0:
             raise CephError(f"getxattr {path} {name}: {done.stderr.strip()[-500:]}")
         return done.stdout.strip()
+
+    def evict_client_of(self, pid: int) -> int:
+        """Evict the MDS sessions of the (dead) ceph-fuse process `pid`, as an operator does
+        (`ceph tell mds.X client evict`), or the MDS itself after session_autoclose (300 s):
+        until then its caps stay held and operations that need them wait. How many."""
+        out = self.cluster.ceph("tell", self.mds, "session", "ls", "--format", "json")
+        ids = [str(e["id"]) for e in json.loads(out)
+               if str(e.get("client_metadata", {}).get("pid", "")) == str(pid)]
+        for client in ids:
+            self.cluster.ceph("tell", self.mds, "client", "evict", f"id={client}")
+        return len(ids)
 
     def pause_mds(self) -> None:
         """SIGSTOP the MDS: it stops answering, as a hung or unreachable one does."""

@@ -4,8 +4,10 @@ snapshots are subvolume snapshots, restores and clones the volumes module's asyn
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -65,7 +67,7 @@ class CephfsBackend(Backend[CephfsConfig]):
                                commands_in_threads=True)
         self.volumes = Subvolumes(self.cluster, config)
         self.mounter = Mounter(config)
-        self._data_pool = ""
+        self._data_pools: list[str] = []
         self._prepared: set[Credentials] = set()
         self._prepare_lock = threading.Lock()
 
@@ -96,7 +98,7 @@ class CephfsBackend(Backend[CephfsConfig]):
                     f"filesystem {self.config.fsName!r} does not exist in the Ceph cluster "
                     f"(there: {', '.join(sorted(found)) or 'none'})")
             self.cluster.pool = fs["metadata_pool"]
-            self._data_pool = fs["data_pools"][0]
+            self._data_pools = list(fs["data_pools"])
             self.volumes.call(creds, "fs subvolumegroup create",
                               f"creating subvolume group {self.config.subvolumeGroup!r}",
                               group_name=self.config.subvolumeGroup)
@@ -144,13 +146,23 @@ class CephfsBackend(Backend[CephfsConfig]):
                             lambda ctx: records.read_volume(ctx, local_id))
         if rec is not None and rec.state == "complete":
             return self._volume(local_id, rec, None)
+        wanted = f"{request.source.kind}:{request.source.local_id}" if request.source else ""
+        if rec is not None and rec.source != wanted:
+            raise errors.AlreadyExists(
+                f"volume {request.name!r} is already being made from another source")
         pool = request.parameters.get("pool", self.config.pool)
         if request.source is not None:
             rec = rec or VolumeRecord(name=request.name, size=request.size,
                                       parameters=dict(request.parameters), state="cloning",
-                                      source=f"{request.source.kind}:{request.source.local_id}")
+                                      source=wanted)
             return self._clone(creds, local_id, rec, request, pool)
+        self._check_pin(request.mutable_parameters)
         sub = self._sub(local_id)
+        rec = VolumeRecord(name=request.name, size=request.size,
+                           parameters=dict(request.parameters), state="creating")
+        # First a record saying so: a DeleteVolume after a create that failed half-way (or
+        # that the mgr ran late) finds the subvolume as ours.
+        self._save(creds, VOLUME, local_id, rec)
         # Idempotent in the module: a retry after a crash finds the subvolume and sets the
         # same quota again.
         args = self._group(sub_name=sub, size=request.size)
@@ -158,8 +170,7 @@ class CephfsBackend(Backend[CephfsConfig]):
             args["pool_layout"] = pool
         self.volumes.call(creds, "fs subvolume create", f"creating subvolume {sub}", **args)
         faults.point("create-volume")
-        rec = VolumeRecord(name=request.name, size=request.size,
-                           parameters=dict(request.parameters), path=self._path(creds, sub))
+        rec.path, rec.state = self._path(creds, sub), "complete"
         if request.mutable_parameters:
             self._pin(creds, sub, request.mutable_parameters)
             rec.mutable = dict(request.mutable_parameters)
@@ -196,9 +207,6 @@ class CephfsBackend(Backend[CephfsConfig]):
                 if vol is None or vol.state != "complete":
                     raise errors.NotFound(f"volume {self.name}:{source.local_id} does not exist")
                 from_sub, from_snap, from_size = self._sub(source.local_id), temp, vol.size
-                self.volumes.call(creds, "fs subvolume snapshot create",
-                                  f"snapshotting subvolume {from_sub} for a clone",
-                                  **self._group(sub_name=from_sub, snap_name=temp))
             rec.size = max(rec.size, from_size)
             if request.limit and rec.size > request.limit:
                 raise errors.OutOfRange(
@@ -208,8 +216,18 @@ class CephfsBackend(Backend[CephfsConfig]):
                                target_group_name=self.config.subvolumeGroup)
             if pool:
                 args["pool_layout"] = pool
-            self.volumes.call(creds, "fs subvolume snapshot clone",
-                              f"cloning {from_sub}@{from_snap} to {sub}", **args)
+            try:
+                if source.kind == "volume":
+                    self.volumes.call(creds, "fs subvolume snapshot create",
+                                      f"snapshotting subvolume {from_sub} for a clone",
+                                      **self._group(sub_name=from_sub, snap_name=temp))
+                self.volumes.call(creds, "fs subvolume snapshot clone",
+                                  f"cloning {from_sub}@{from_snap} to {sub}", **args)
+            except errors.CsiError:
+                with contextlib.suppress(errors.CsiError):
+                    if self._clone_state(creds, sub) is None:  # never started: nothing kept
+                        self._drop_temp(creds, source, temp)
+                raise
             faults.point("clone-started")
         state = self._wait_clone(creds, sub, state or "pending")
         if state in ("failed", "canceled"):
@@ -363,16 +381,20 @@ class CephfsBackend(Backend[CephfsConfig]):
 
     def capacity(self, parameters: Mapping[str, str]) -> Capacity:
         creds = self._creds(NO_SECRETS)
-        pool = parameters.get("pool") or self.config.pool or self._data_pool
+        pool = parameters.get("pool") or self.config.pool or self._data_pools[0]
+        if pool not in self._data_pools:
+            raise errors.InvalidArgument(
+                f"pool {pool!r} is not a data pool of filesystem {self.config.fsName!r} "
+                f"({', '.join(self._data_pools)})")
         ret, out = self.cluster.mon_command(creds, {"prefix": "df", "format": "json"},
                                             "reading the pool's free space")
         if ret != 0:
             raise errors.Unavailable(f"ceph df failed ({ret}); does {creds.user} have mon 'r'?")
         pools = {p["name"]: p["stats"] for p in json.loads(out)["pools"]}
         if pool not in pools:
-            raise errors.InvalidArgument(f"pool {pool!r} does not exist")
-        available = int(pools[pool]["max_avail"])
-        return Capacity(available=available, maximum_volume_size=available)
+            raise errors.Unavailable(f"ceph df shows no pool {pool!r} to user {creds.user!r}")
+        # A quota reserves nothing (volumes are thin): no maximum volume size.
+        return Capacity(available=int(pools[pool]["max_avail"]))
 
     def update_volume(self, update: VolumeUpdate) -> tuple[int, bool]:
         creds = self._creds(update.secrets)
@@ -393,15 +415,20 @@ class CephfsBackend(Backend[CephfsConfig]):
         self._save(creds, VOLUME, local_id, rec)
         return rec.size, False
 
-    def _pin(self, creds: Credentials, sub: str, mutable: Mapping[str, str]) -> None:
+    @staticmethod
+    def _check_pin(mutable: Mapping[str, str]) -> None:
         for key, value in mutable.items():
-            if key != EXPORT_PIN or not value.lstrip("-").isdigit() or int(value) < -1:
+            if key != EXPORT_PIN or not re.fullmatch(r"-1|0|[1-9][0-9]{0,3}", value):
                 raise errors.InvalidArgument(
                     f"{key}={value!r}: the mutable parameter is {EXPORT_PIN}, an MDS rank "
                     "(0, 1, ...) or -1 for none")
+
+    def _pin(self, creds: Credentials, sub: str, mutable: Mapping[str, str]) -> None:
+        self._check_pin(mutable)
+        for value in mutable.values():
             self.volumes.call(creds, "fs subvolume pin", f"pinning subvolume {sub}",
                               **self._group(sub_name=sub, pin_type="export",
-                                            pin_setting=str(int(value))))
+                                            pin_setting=value))
 
     # -- snapshots -----------------------------------------------------------------------
     def create_snapshot(self, request: SnapshotRequest) -> Snapshot:
@@ -464,7 +491,8 @@ class CephfsBackend(Backend[CephfsConfig]):
 
     # -- node ----------------------------------------------------------------------------
     def stage(self, request: StageRequest) -> None:
-        self.mounter.stage(request, credentials(self.config, request.secrets))
+        self.mounter.stage(request, self._sub(request.local_id),
+                           credentials(self.config, request.secrets))
 
     def unstage(self, local_id: str, staging_path: str) -> None:
         self.mounter.unstage(staging_path)

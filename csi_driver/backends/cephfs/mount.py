@@ -35,14 +35,30 @@ FUSE_SOURCE = "berth:"
 FUSE_TYPE = "fuse.ceph-fuse"
 
 
-def _subvolume_path(context: dict[str, str] | object, group: str) -> str:
-    path = context.get("subvolumePath", "") if isinstance(context, dict) else ""
+# Options the mounters set themselves: a mount flag may not replace them (fsname and subtype
+# are how a mount is told to be ours).
+_OWN_OPTIONS = frozenset({"fsname", "subtype", "name", "secret", "secretfile", "mds_namespace",
+                          "fs", "mon_addr"})
+
+
+def _subvolume_path(context: dict[str, str], group: str, subvolume: str) -> str:
+    """The volume context's data path, which must lie in the volume's own subvolume."""
+    path = context.get("subvolumePath", "")
     parts = path.split("/")
-    if (not path.startswith(f"/volumes/{group}/") or ".." in parts or "" in parts[1:]
-            or len(parts) != 5):
+    if (not path.startswith(f"/volumes/{group}/{subvolume}/") or ".." in parts
+            or "" in parts[1:] or len(parts) != 5):
         raise errors.InvalidArgument(
-            f"volume context subvolumePath {path!r} is not a subvolume of group {group!r}")
+            f"volume context subvolumePath {path!r} is not in subvolume {subvolume!r} of "
+            f"group {group!r}")
     return path
+
+
+def _options(flags: list[str]) -> list[str]:
+    for option in flags:
+        if option.partition("=")[0].strip() in _OWN_OPTIONS:
+            raise errors.InvalidArgument(
+                f"mount option {option!r} is the driver's to set, not a mount flag's")
+    return flags
 
 
 class Mounter:
@@ -85,13 +101,14 @@ class Mounter:
             shutil.rmtree(tmp, ignore_errors=True)
 
     # -- stage ---------------------------------------------------------------------------
-    def stage(self, request: StageRequest, creds: Credentials) -> None:
+    def stage(self, request: StageRequest, subvolume: str, creds: Credentials) -> None:
         if request.capability.block:
             raise errors.FailedPrecondition("a CephFS volume has no block device")
-        path = _subvolume_path(dict(request.context), self.config.subvolumeGroup)
+        path = _subvolume_path(dict(request.context), self.config.subvolumeGroup, subvolume)
         fs_name = request.context.get("fsName") or self.config.fsName
-        options = [*self.config.mountOptions,
-                   *(o for flag in request.capability.mount_flags for o in flag.split(",") if o)]
+        options = _options([
+            *self.config.mountOptions,
+            *(o for flag in request.capability.mount_flags for o in flag.split(",") if o)])
         if request.capability.read_only:
             options.append("ro")
         if self.config.mounter == "fuse":
@@ -117,7 +134,12 @@ class Mounter:
             deadline = time.monotonic() + self._wait()
             while self.mounted(target) != path:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
+                    # Unmount before the process goes: a ceph-fuse killed while mounted leaves
+                    # an MDS session that holds its caps until the MDS gives up on it.
+                    with contextlib.suppress(errors.CsiError):
+                        if mounts.mount_at(target) is not None:  # nothing foreign was there
+                            mounts.unmount(target, wait=2.0)
+                    _end(proc.pid, grace=2.0)
                     with open(err_path, errors="replace") as f:
                         message = _messages(f.read())
                     raise _mount_error(creds.user, path, message or "no answer in time")
@@ -157,16 +179,8 @@ class Mounter:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        # ceph-fuse closes its session and exits a second or two after the unmount; one
-        # whose MDS or cluster is gone never does, and holds its callers in D state until it
-        # is killed.
-        deadline = time.monotonic() + self.config.timeoutSeconds
-        while pids and time.monotonic() < deadline:
-            pids = [p for p in pids if os.path.exists(f"/proc/{p}")]
-            time.sleep(0.05)
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            _end(pid, grace=self.config.timeoutSeconds, term=False)
 
     @staticmethod
     def mounted(path: str) -> str | None:
@@ -214,6 +228,20 @@ class Mounter:
         except (OSError, ValueError, errors.Unavailable):
             return None
         return (quota, used) if quota else None
+
+
+def _end(pid: int, grace: float, term: bool = True) -> None:
+    """Let a ceph-fuse exit (after its unmount it closes its session and goes within a second
+    or two), SIGTERM it (`term`), and SIGKILL it past `grace`: one whose MDS or cluster is gone
+    never exits, and holds its callers in D state until it is killed."""
+    deadline = time.monotonic() + grace
+    if term:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _v1(monitor: str) -> str:
