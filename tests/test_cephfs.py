@@ -79,11 +79,14 @@ def create(d: Driver, name: str, size: int = 64 * MiB, source: Src | None = None
     return d.controller.CreateVolume(req, timeout=60).volume
 
 
-def create_ready(d: Driver, name: str, source: Src, wait: float = 60) -> pb.Volume:
+def create_ready(d: Driver, name: str, source: Src, wait: float = 60,
+                 request: pb.CreateVolumeRequest | None = None) -> pb.Volume:
     """CreateVolume from a source, retried while it answers ABORTED (the clone is copying)."""
     deadline = time.monotonic() + wait
     while True:
         try:
+            if request is not None:
+                return d.controller.CreateVolume(request, timeout=60).volume
             return create(d, name, source=source)
         except grpc.RpcError as exc:
             if exc.code() != Code.ABORTED or time.monotonic() > deadline:
@@ -361,6 +364,15 @@ def test_modify_pins_the_subvolume_and_get_volume_reports_it(fsd: Driver, tmp_pa
         # The pin is on the subvolume's own directory, above the data path that nodes mount.
         base = os.path.dirname(vol.volume_context["subvolumePath"])
         assert fs.getxattr(base, "ceph.dir.pin") == "0"
+        # A clone made with the parameter gets it too.
+        req = pb.CreateVolumeRequest(name="pvc-pin-clone", volume_capabilities=[mount_cap()],
+                                     secrets=secrets(fs), mutable_parameters={"exportPin": "0"},
+                                     capacity_range=pb.CapacityRange(required_bytes=64 * MiB))
+        req.volume_content_source.volume.volume_id = other.volume_id
+        clone = create_ready(fsd, "pvc-pin-clone", req.volume_content_source, request=req)
+        assert fs.getxattr(os.path.dirname(clone.volume_context["subvolumePath"]),
+                           "ceph.dir.pin") == "0"
+        delete(fsd, clone.volume_id)
         with pytest.raises(grpc.RpcError) as err:
             fsd.controller.ControllerModifyVolume(pb.ControllerModifyVolumeRequest(
                 volume_id=vol.volume_id, mutable_parameters={"exportPin": "fast"},
@@ -425,14 +437,22 @@ def test_wrong_key_is_permission_denied_naming_the_user(fsd: Driver, tmp_path: P
 def test_forged_context_and_flags_are_refused(fsd: Driver, tmp_path: Path) -> None:
     vol, other = create(fsd, "pvc-forged"), create(fsd, "pvc-forged-other")
     try:
+        own = vol.volume_context["subvolumePath"]
         for path in ("/", "/volumes/csi/../..", "/volumes/other/x/y", "/etc",
-                     other.volume_context["subvolumePath"]):
+                     other.volume_context["subvolumePath"], os.path.dirname(own) + "/.",
+                     os.path.dirname(own) + "/.meta", own + ",suid"):
             forged = pb.Volume()
             forged.CopyFrom(vol)
             forged.volume_context["subvolumePath"] = path
             with pytest.raises(grpc.RpcError) as err:
                 stage(fsd, forged, tmp_path / "s")
             assert err.value.code() == Code.INVALID_ARGUMENT, path
+        forged = pb.Volume()
+        forged.CopyFrom(vol)
+        forged.volume_context["fsName"] = "cephfs,name=admin"
+        with pytest.raises(grpc.RpcError) as err:
+            stage(fsd, forged, tmp_path / "s")
+        assert err.value.code() == Code.INVALID_ARGUMENT
         # Mount flags may not set what tells the mount apart (or the credentials).
         (tmp_path / "s").mkdir(exist_ok=True)
         for flag in (f"fsname=berth:{other.volume_context['subvolumePath']}", "subtype=x",
@@ -512,6 +532,16 @@ def test_kill_during_create_and_during_a_clone(cephfs: Filesystem, fsd: Driver,
         volume_id=vol.volume_id)))
     assert fs_of(fsd).info(subvolume(fsd, clone))["state"] == "complete"
     assert cephfs.snapshots(subvolume(fsd, vol)) == []  # the clone's snapshot is gone
+    # Killed after the Ceph snapshot, before its record is complete: never listed, and a
+    # DeleteSnapshot (the CO gave up) still removes it.
+    _crash(cephfs, tmp_path / "c", "create-snapshot", lambda d: snapshot(
+        d, "snap-crash", vol.volume_id))
+    assert len(cephfs.snapshots(subvolume(fsd, vol))) == 1
+    listed = fsd.controller.ListSnapshots(pb.ListSnapshotsRequest(
+        source_volume_id=vol.volume_id, secrets=secrets(cephfs)), timeout=30)
+    assert list(listed.entries) == []
+    delete_snapshot(fsd, f"fs:{local_id_for_name('snap-crash')}")
+    assert cephfs.snapshots(subvolume(fsd, vol)) == []
     delete(fsd, clone.volume_id)
     delete(fsd, vol.volume_id)
     assert not {subvolume(fsd, vol), subvolume(fsd, clone)} & set(cephfs.subvolumes())
@@ -673,8 +703,13 @@ def test_mds_not_answering_is_abnormal_and_unstage_is_bounded(fsd: Driver, tmp_p
         unstage(fsd, vol, s)
         assert time.monotonic() - t0 < 45
         assert "ceph-fuse" not in ok(f"grep -F ' {s} ' /proc/self/mountinfo || true")
-        assert not [p for p in ok("pgrep -x ceph-fuse || true").split()
-                    if str(s).encode() in Path(f"/proc/{p}/cmdline").read_bytes()]
+        # Its ceph-fuse cannot flush or close its session: it is ended after a grace
+        # (4 x timeoutSeconds), which frees the callers it holds in D state.
+        deadline = time.monotonic() + 40
+        while [p for p in ok("pgrep -x ceph-fuse || true").split()
+               if str(s).encode() in Path(f"/proc/{p}/cmdline").read_bytes()]:
+            assert time.monotonic() < deadline, "ceph-fuse was never ended"
+            time.sleep(0.5)
     finally:
         fs.resume_mds()
     # The volumes module takes a while to reach the MDS again: UNAVAILABLE until then (as the

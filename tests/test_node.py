@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -11,7 +12,7 @@ import pytest
 from csi_driver.csi import csi_pb2 as pb
 
 from .conftest import needs_root, status_of
-from .harness import NODE_ID, TOPOLOGY_KEY, Driver, mount_cap, mounted_at
+from .harness import NODE_ID, TOPOLOGY_KEY, Driver, MiB, block_cap, mount_cap, mounted_at
 
 Mode = pb.VolumeCapability.AccessMode
 NodeRPC = pb.NodeServiceCapability.RPC
@@ -355,3 +356,30 @@ def test_delete_of_mounted_volume_is_refused(driver: Driver, volume: pb.Volume,
         unpublish(driver, volume.volume_id, target)
     finally:
         unstage(driver, volume.volume_id, staging)
+
+
+@pytest.mark.parametrize("block", [False, True], ids=["directory", "block"])
+def test_unpublish_of_a_volume_in_use_is_failed_precondition(driver: Driver, tmp_path: Path,
+                                                             block: bool) -> None:
+    """A healthy mount that a process still uses is not detached lazily under it: for a
+    bind-mounted device file too (whose path has no entries to look up)."""
+    cap = block_cap() if block else mount_cap()
+    vol = driver.controller.CreateVolume(pb.CreateVolumeRequest(
+        name=f"busy-{block}", capacity_range=pb.CapacityRange(required_bytes=16 * MiB),
+        volume_capabilities=[cap])).volume
+    staging, target = tmp_path / "staging", tmp_path / "target"
+    staging.mkdir()
+    stage(driver, vol.volume_id, str(staging), cap)
+    publish(driver, vol.volume_id, str(staging), str(target), cap=cap)
+    with open(target, "rb") if block else open(os.devnull, "rb") as held:
+        holder = subprocess.Popen(["sleep", "60"], stdin=held, cwd=None if block else target)
+    try:
+        assert status_of(lambda: unpublish(driver, vol.volume_id, str(target))
+                         ) == grpc.StatusCode.FAILED_PRECONDITION
+        assert mounted_at(target)
+    finally:
+        holder.kill()
+        holder.wait()
+    unpublish(driver, vol.volume_id, str(target))
+    unstage(driver, vol.volume_id, str(staging))
+    driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))

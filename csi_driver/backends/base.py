@@ -368,6 +368,11 @@ class Backend(ABC, Generic[C]):
     def unstage(self, local_id: str, staging_path: str) -> None:
         """Undo `stage` (idempotent); nothing of the volume may stay attached afterwards."""
 
+    def restage_problem(self, secrets: Secrets) -> str | None:
+        """Why NodePublish could not stage a dead staging mount again with its own request's
+        secrets (it carries no node-stage secret); None when it can."""
+        return None
+
     def owns_mount(self, local_id: str, path: str | None) -> bool:
         """Whether the mount at `path` shows this volume; with None, whether the node can tell
         that the volume exists at all (it has no controller credentials, so a backend that

@@ -25,6 +25,8 @@ from .ceph_config import CephClusterConfig
 
 T = TypeVar("T")
 MAX_CONNECTIONS = 8
+# Commands (in threads) to a mgr that does not answer, after which calls fail at once.
+MAX_STUCK_COMMANDS = 8
 _USER_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
@@ -70,22 +72,25 @@ def credentials(config: CephClusterConfig, secrets: Mapping[str, str]) -> Creden
 def translate(exc: Exception, user: str, what: str) -> errors.CsiError:
     """A librados/librbd exception as the CSI error an operator can act on."""
     import rados
-    import rbd
 
+    # librbd's exceptions by name: a CephFS-only host may have no python3-rbd to import.
+    rbd_error = type(exc).__name__ if type(exc).__module__ == "rbd" else ""
     text = f"{what}: {type(exc).__name__}"
-    if isinstance(exc, rados.PermissionDeniedError | rados.PermissionError | rbd.PermissionError):
+    if (isinstance(exc, rados.PermissionDeniedError | rados.PermissionError)
+            or rbd_error == "PermissionError"):
         return errors.PermissionDenied(
             f"{what}: Ceph refused user {user!r} (wrong key or missing caps)")
     if isinstance(exc, rados.InvalidArgumentError) and what.startswith("connecting"):
         return errors.InvalidArgument(
             f"{what}: the key of user {user!r} is malformed (expected a base64 cephx key)")
-    if isinstance(exc, rados.TimedOut | rbd.Timeout | rados.InterruptedOrTimeoutError):
+    if (isinstance(exc, rados.TimedOut | rados.InterruptedOrTimeoutError)
+            or rbd_error == "Timeout"):
         return errors.Unavailable(f"{what}: the Ceph cluster did not answer in time")
-    if isinstance(exc, rados.ObjectNotFound | rbd.ImageNotFound):
+    if isinstance(exc, rados.ObjectNotFound) or rbd_error == "ImageNotFound":
         return errors.NotFound(f"{what}: not found")
-    if isinstance(exc, rbd.NoSpace | rbd.DiskQuotaExceeded):
+    if rbd_error in ("NoSpace", "DiskQuotaExceeded"):
         return errors.ResourceExhausted(f"{what}: the pool is full or over quota")
-    if isinstance(exc, rbd.ImageBusy):
+    if rbd_error == "ImageBusy":
         return errors.FailedPrecondition(f"{what}: the image is in use")
     return errors.Internal(f"{text} {exc}")
 
@@ -110,6 +115,7 @@ class Cluster:
         # MgrClient frees the request first): a backend that talks to the mgr turns librados'
         # command timeout off and bounds mon and mgr commands with a thread of its own.
         self.commands_in_threads = commands_in_threads
+        self._stuck = 0  # commands given up on that have not returned
         # Where call() and ioctx() work: the RBD pool, or the CephFS metadata pool.
         self.pool = pool
         self.namespace = namespace
@@ -232,22 +238,36 @@ class Cluster:
             return run()
         # The thread keeps its handle in use, so it is never shut down under the call; it
         # ends when the mgr (or its successor) answers.
+        daemon = "mgr" if kind == "mgr_command" else "monitors"
+        with self._lock:
+            if self._stuck >= MAX_STUCK_COMMANDS:  # no pile of threads while it is away
+                raise errors.Unavailable(
+                    f"{what}: {self._stuck} earlier commands to the Ceph {daemon} have not "
+                    "returned yet")
         box: list[tuple[int, bytes, str] | BaseException] = []
         done = threading.Event()
+        gave_up = threading.Event()
 
         def in_thread() -> None:
             try:
                 box.append(run())
             except BaseException as exc:
                 box.append(exc)
-            done.set()
+            with self._lock:
+                done.set()
+                if gave_up.is_set():
+                    self._stuck -= 1
 
         threading.Thread(target=requestid.in_context(in_thread), name=f"ceph {kind}",
                          daemon=True).start()
         if not done.wait(self.config.timeoutSeconds):
-            daemon = "mgr" if kind == "mgr_command" else "monitors"
-            raise errors.Unavailable(f"{what}: the Ceph {daemon} did not answer within "
-                                     f"{self.config.timeoutSeconds}s")
+            with self._lock:
+                if not done.is_set():
+                    gave_up.set()
+                    self._stuck += 1
+            if gave_up.is_set():
+                raise errors.Unavailable(f"{what}: the Ceph {daemon} did not answer within "
+                                         f"{self.config.timeoutSeconds}s")
         if isinstance(box[0], BaseException):
             raise box[0]
         return box[0]

@@ -243,6 +243,11 @@ class NodeService(pb_grpc.NodeServicer):
         staged = mounts.mount_at(staging, text)
         at_target = mounts.mount_at(target, text) if target != source else None
         if staged is not None and mounts.is_network(staged) and _stale(staging):
+            problem = backend.restage_problem(request.secrets)
+            if problem:
+                raise errors.FailedPrecondition(
+                    f"the staging mount {staging} no longer answers (its client is gone) and "
+                    f"cannot be mounted again here: {problem}")
             log.warning("volume %s: staging mount %s is stale; remounting", request.volume_id,
                         staging)
             if mounts.mount_at(target) is not None:

@@ -151,12 +151,12 @@ class CephfsBackend(Backend[CephfsConfig]):
             raise errors.AlreadyExists(
                 f"volume {request.name!r} is already being made from another source")
         pool = request.parameters.get("pool", self.config.pool)
+        self._check_pin(request.mutable_parameters)
         if request.source is not None:
             rec = rec or VolumeRecord(name=request.name, size=request.size,
                                       parameters=dict(request.parameters), state="cloning",
                                       source=wanted)
             return self._clone(creds, local_id, rec, request, pool)
-        self._check_pin(request.mutable_parameters)
         sub = self._sub(local_id)
         rec = VolumeRecord(name=request.name, size=request.size,
                            parameters=dict(request.parameters), state="creating")
@@ -197,7 +197,7 @@ class CephfsBackend(Backend[CephfsConfig]):
             if source.kind == "snapshot":
                 snap = self._records(creds, "reading the snapshot record",
                                      lambda ctx: records.read_snapshot(ctx, source.local_id))
-                if snap is None:
+                if snap is None or snap.state != "complete":
                     raise errors.NotFound(f"snapshot {self.name}:{source.local_id} does not exist")
                 from_sub, from_snap, from_size = self._sub(snap.volume), self._snap(
                     source.local_id), snap.size
@@ -236,7 +236,7 @@ class CephfsBackend(Backend[CephfsConfig]):
             self._drop_temp(creds, source, temp)
             self._records(creds, "removing the record",
                           lambda ctx: records.remove(ctx, VOLUME, local_id))
-            raise errors.ResourceExhausted(
+            raise errors.Aborted(
                 f"the clone into subvolume {sub} {state}: {reason}; it was removed, retry")
         if state != "complete":
             raise errors.Aborted(f"volume {request.name!r} is a clone still being copied "
@@ -246,6 +246,9 @@ class CephfsBackend(Backend[CephfsConfig]):
             self.volumes.call(creds, "fs subvolume resize", f"sizing subvolume {sub}",
                               **self._group(sub_name=sub, new_size=str(rec.size),
                                             no_shrink=True))
+        if request.mutable_parameters:
+            self._pin(creds, sub, request.mutable_parameters)
+            rec.mutable = dict(request.mutable_parameters)
         rec.path, rec.state = self._path(creds, sub), "complete"
         self._save(creds, VOLUME, local_id, rec)
         return self._volume(local_id, rec, None)
@@ -257,7 +260,7 @@ class CephfsBackend(Backend[CephfsConfig]):
         except MgrError as exc:
             if exc.code == errno.ENOENT:
                 return None
-            if exc.code == errno.EINVAL:  # a subvolume of this name that is no clone
+            if exc.code in (errno.EINVAL, errno.EOPNOTSUPP):  # a subvolume that is no clone
                 raise errors.AlreadyExists(
                     f"subvolume {sub} exists and is not a clone of the requested source"
                 ) from None
@@ -440,16 +443,21 @@ class CephfsBackend(Backend[CephfsConfig]):
                     records.read_volume(ctx, request.source_volume))
 
         snap, vol = self._records(creds, "reading the records", look)
-        if snap is not None:
-            return self._snapshot(local_id, snap)
+        if snap is not None and (snap.state == "complete"
+                                 or snap.volume != request.source_volume):
+            return self._snapshot(local_id, snap)  # the service refuses another volume's
         if vol is None or vol.state != "complete":
             raise errors.NotFound(f"volume {self.name}:{request.source_volume} does not exist")
         sub = self._sub(request.source_volume)
+        snap = SnapshotRecord(name=request.name, volume=request.source_volume, size=vol.size,
+                              created=time.time(), state="creating")
+        # First the record: a snapshot whose create failed half-way (or ran late in the mgr)
+        # is still found, and deleted, by DeleteSnapshot.
+        self._save(creds, SNAPSHOT, local_id, snap)
         self.volumes.call(creds, "fs subvolume snapshot create", f"snapshotting {sub}",
                           **self._group(sub_name=sub, snap_name=self._snap(local_id)))
         faults.point("create-snapshot")
-        snap = SnapshotRecord(name=request.name, volume=request.source_volume, size=vol.size,
-                              created=time.time())
+        snap.state = "complete"
         self._save(creds, SNAPSHOT, local_id, snap)
         return self._snapshot(local_id, snap)
 
@@ -483,7 +491,8 @@ class CephfsBackend(Backend[CephfsConfig]):
             out = []
             for local_id in found:
                 rec = records.read_snapshot(ctx, local_id)
-                if rec is not None and query.wants(local_id, rec.volume):
+                if (rec is not None and rec.state == "complete"
+                        and query.wants(local_id, rec.volume)):
                     out.append(self._snapshot(local_id, rec))
             return out
 
@@ -496,6 +505,14 @@ class CephfsBackend(Backend[CephfsConfig]):
 
     def unstage(self, local_id: str, staging_path: str) -> None:
         self.mounter.unstage(staging_path)
+
+    def restage_problem(self, secrets: Secrets) -> str | None:
+        try:
+            credentials(self.config, secrets)
+        except errors.CsiError as exc:
+            return (f"{exc.message} (NodePublish carries no node-stage secret: give the "
+                    "nodes userID/userKeyFile to remount by themselves)")
+        return None
 
     def owns_mount(self, local_id: str, path: str | None) -> bool:
         return path is None or self.mounter.owns(self._sub(local_id), path)

@@ -44,9 +44,8 @@ _OWN_OPTIONS = frozenset({"fsname", "subtype", "name", "secret", "secretfile", "
 def _subvolume_path(context: dict[str, str], group: str, subvolume: str) -> str:
     """The volume context's data path, which must lie in the volume's own subvolume."""
     path = context.get("subvolumePath", "")
-    parts = path.split("/")
-    if (not path.startswith(f"/volumes/{group}/{subvolume}/") or ".." in parts
-            or "" in parts[1:] or len(parts) != 5):
+    if not re.fullmatch(rf"/volumes/{re.escape(group)}/{re.escape(subvolume)}/"
+                        r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", path):
         raise errors.InvalidArgument(
             f"volume context subvolumePath {path!r} is not in subvolume {subvolume!r} of "
             f"group {group!r}")
@@ -66,6 +65,7 @@ class Mounter:
         self.config = config
         self._keys_dir = os.path.join(config.nodeStateDir, "keys")
         self._cleaned = False
+        self._clean_lock = threading.Lock()
 
     def _wait(self) -> float:
         return 3.0 * self.config.timeoutSeconds
@@ -73,9 +73,10 @@ class Mounter:
     @contextlib.contextmanager
     def _files(self, creds: Credentials) -> Iterator[tuple[str, str, str]]:
         """(ceph.conf, keyring, secret file) in a private directory gone when the block ends."""
-        if not self._cleaned:  # what a crash left behind
-            shutil.rmtree(self._keys_dir, ignore_errors=True)
-            self._cleaned = True
+        with self._clean_lock:
+            if not self._cleaned:  # what a crash left behind, before this process's first
+                shutil.rmtree(self._keys_dir, ignore_errors=True)
+                self._cleaned = True
         os.makedirs(self._keys_dir, 0o700, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="op-", dir=self._keys_dir)
         try:
@@ -106,6 +107,10 @@ class Mounter:
             raise errors.FailedPrecondition("a CephFS volume has no block device")
         path = _subvolume_path(dict(request.context), self.config.subvolumeGroup, subvolume)
         fs_name = request.context.get("fsName") or self.config.fsName
+        if fs_name != self.config.fsName:
+            raise errors.InvalidArgument(
+                f"volume context fsName {fs_name!r} is not this backend's filesystem "
+                f"{self.config.fsName!r}")
         options = _options([
             *self.config.mountOptions,
             *(o for flag in request.capability.mount_flags for o in flag.split(",") if o)])
@@ -139,7 +144,11 @@ class Mounter:
                     with contextlib.suppress(errors.CsiError):
                         if mounts.mount_at(target) is not None:  # nothing foreign was there
                             mounts.unmount(target, wait=2.0)
-                    _end(proc.pid, grace=2.0)
+                    proc.terminate()
+                    try:
+                        proc.wait(2.0)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
                     with open(err_path, errors="replace") as f:
                         message = _messages(f.read())
                     raise _mount_error(creds.user, path, message or "no answer in time")
@@ -173,14 +182,27 @@ class Mounter:
         deadline = time.monotonic() + 2.0
         while True:
             try:
-                mounts.unmount(staging_path, wait=self.config.timeoutSeconds)
-                break
+                mounts.unmount(staging_path, wait=self.config.timeoutSeconds, lazy=False)
+                # Unmounted cleanly: ceph-fuse flushes what it still holds and exits by itself
+                # (1-2 s); killing it then could lose acknowledged writes. One that has not
+                # gone after a generous grace cannot reach its MDS and is ended, off the RPC.
+                grace = 4.0 * self.config.timeoutSeconds
+                for pid in pids:
+                    threading.Thread(target=_end, args=(pid, grace, "ceph-fuse", staging_path),
+                                     kwargs={"wait_first": True}, name="ceph-fuse-end",
+                                     daemon=True).start()
+                return
             except errors.FailedPrecondition:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+            except (errors.Unavailable, OSError):
+                break
+        # The filesystem does not answer (MDS or cluster gone): detach lazily, and end its
+        # ceph-fuse, which never exits by itself then and holds callers in D state.
+        mounts.unmount(staging_path, wait=1.0)
         for pid in pids:
-            _end(pid, grace=self.config.timeoutSeconds, term=False)
+            _end(pid, 2.0, "ceph-fuse", staging_path)
 
     @staticmethod
     def mounted(path: str) -> str | None:
@@ -230,24 +252,36 @@ class Mounter:
         return (quota, used) if quota else None
 
 
-def _end(pid: int, grace: float, term: bool = True) -> None:
-    """Let a ceph-fuse exit (after its unmount it closes its session and goes within a second
-    or two), SIGTERM it (`term`), and SIGKILL it past `grace`: one whose MDS or cluster is gone
-    never exits, and holds its callers in D state until it is killed."""
-    deadline = time.monotonic() + grace
-    if term:
+def _end(pid: int, grace: float, tool: str, mount_point: str, wait_first: bool = False
+         ) -> None:
+    """SIGTERM the `tool` process serving `mount_point` (after `grace` for it to exit by itself
+    with `wait_first`), SIGKILL it 2 s later; each signal only while that pid still is that
+    process (pids are reused)."""
+    def signal_it(sig: int) -> bool:
+        if pid not in mounts.daemons_serving(tool, mount_point):
+            return False
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
+        return True
+
+    def gone_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while os.path.exists(f"/proc/{pid}"):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    if wait_first and gone_within(grace):
+        return
+    if signal_it(signal.SIGTERM) and not gone_within(2.0):
+        signal_it(signal.SIGKILL)
 
 
 def _v1(monitor: str) -> str:
     """A monitor as mount.ceph takes it: of an address vector "[v2:IP:P2,v1:IP:P1]" the v1
     address (the kernel client speaks msgr1 by default)."""
-    if monitor.startswith("["):
+    if monitor.startswith(("[v1:", "[v2:")):
         for addr in monitor.strip("[]").split(","):
             if addr.startswith("v1:"):
                 return addr[3:]

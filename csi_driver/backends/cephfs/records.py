@@ -35,6 +35,7 @@ class SnapshotRecord:
     volume: str  # local ID of the source volume
     size: int
     created: float
+    state: str = "complete"  # or "creating", written before the Ceph snapshot is taken
 
 
 def namespace(group: str) -> str:

@@ -69,6 +69,8 @@ def translate(exc: MgrError, user: str, what: str, config: CephfsConfig) -> erro
             f"{what}: subvolume group {config.subvolumeGroup!r} does not exist")
     if exc.code == errno.ENOENT:
         return errors.NotFound(text)
+    if exc.code == errno.EEXIST:
+        return errors.AlreadyExists(text)
     if exc.code == errno.EAGAIN:
         return errors.Aborted(f"{text}; retry")
     if exc.code == errno.EINVAL:
