@@ -514,10 +514,15 @@ def _crash(cephfs: Filesystem, tmp: Path, fault: str, call: object) -> None:
     d = start_driver(tmp, write_config(tmp / "c.yaml", {"fs": backend_config(cephfs, tmp)}),
                      env={"BERTH_FAULTS": fault})
     d.fs = cephfs  # type: ignore[attr-defined]
-    with pytest.raises(grpc.RpcError) as err:
-        call(d)  # type: ignore[operator]
-    assert err.value.code() == Code.UNAVAILABLE
-    assert d.proc.wait(10) == -signal.SIGKILL
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            call(d)  # type: ignore[operator]
+        assert err.value.code() == Code.UNAVAILABLE
+        assert d.proc.wait(10) == -signal.SIGKILL
+    finally:
+        if d.proc.poll() is None:  # the fault point was never reached
+            d.proc.kill()
+            d.proc.wait(10)
 
 
 def test_kill_during_create_and_during_a_clone(cephfs: Filesystem, fsd: Driver,
@@ -637,15 +642,15 @@ def test_kernel_mounter_without_the_module_says_so(cephfs: Filesystem, tmp_path:
     d = start_driver(tmp_path, write_config(tmp_path / "c.yaml", {
         "fs": backend_config(cephfs, tmp_path, mounter="kernel")}))
     d.fs = cephfs  # type: ignore[attr-defined]
-    vol = create(d, "pvc-kernel")
     try:
+        vol = create(d, "pvc-kernel")
         with pytest.raises(grpc.RpcError) as err:
             stage(d, vol, tmp_path / "s")
         assert err.value.code() == Code.FAILED_PRECONDITION
         assert "kernel module" in (err.value.details() or "")
         assert list((tmp_path / "node" / "keys").iterdir()) == []  # no key left on disk
-    finally:
         delete(d, vol.volume_id)
+    finally:
         assert d.stop() == 0, d.log()
 
 
@@ -656,13 +661,13 @@ def test_kernel_mount_shares_data(cephfs: Filesystem, tmp_path: Path) -> None:
     d = start_driver(tmp_path, write_config(tmp_path / "c.yaml", {
         "fs": backend_config(cephfs, tmp_path, mounter="kernel")}))
     d.fs = cephfs  # type: ignore[attr-defined]
-    vol = create(d, "pvc-kernel-data")
     try:
+        vol = create(d, "pvc-kernel-data")
         stage(d, vol, tmp_path / "s")
         ok(f"echo k > {tmp_path}/s/f && sync")
         unstage(d, vol, tmp_path / "s")
-    finally:
         delete(d, vol.volume_id)
+    finally:
         assert d.stop() == 0, d.log()
 
 
