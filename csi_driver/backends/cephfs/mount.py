@@ -225,7 +225,9 @@ class Mounter:
     # -- health and usage ----------------------------------------------------------------
     def condition(self, volume_path: str) -> Condition:
         try:
-            bounded.call(f"open:{volume_path}", mounts.touch_open, volume_path,
+            # A lookup of a fresh name, not only an open: ceph-fuse serves opens from its
+            # cache while its MDS is away.
+            bounded.call(f"open:{volume_path}", mounts.answers, volume_path,
                          timeout=self.config.timeoutSeconds)
         except errors.Unavailable:
             return Condition(True, f"{volume_path} does not answer (MDS or cluster "
