@@ -23,6 +23,7 @@ from .services.controller import ControllerService
 from .services.group_controller import GroupControllerService
 from .services.identity import IdentityService
 from .services.node import NodeService
+from .services.snapshot_metadata import SnapshotMetadataService
 
 log = logging.getLogger(__name__)
 MODES = ("all", "controller", "node")
@@ -85,6 +86,8 @@ class Server:
             pb_grpc.add_ControllerServicer_to_server(ControllerService(driver), self._grpc)
             pb_grpc.add_GroupControllerServicer_to_server(GroupControllerService(driver),
                                                          self._grpc)
+            pb_grpc.add_SnapshotMetadataServicer_to_server(SnapshotMetadataService(driver),
+                                                          self._grpc)
         if mode in ("all", "node"):
             pb_grpc.add_NodeServicer_to_server(NodeService(driver), self._grpc)
 

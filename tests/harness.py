@@ -35,11 +35,14 @@ class Driver:
     identity: pb_grpc.IdentityStub = field(init=False)
     controller: pb_grpc.ControllerStub = field(init=False)
     node: pb_grpc.NodeStub = field(init=False)
+    metadata: pb_grpc.SnapshotMetadataStub = field(init=False)
 
     def __post_init__(self) -> None:
         self.identity = pb_grpc.IdentityStub(self.channel)  # type: ignore[no-untyped-call]
         self.controller = pb_grpc.ControllerStub(self.channel)  # type: ignore[no-untyped-call]
         self.node = pb_grpc.NodeStub(self.channel)  # type: ignore[no-untyped-call]
+        self.metadata = pb_grpc.SnapshotMetadataStub(  # type: ignore[no-untyped-call]
+            self.channel)
 
     def log(self) -> str:
         return self.log_path.read_text()

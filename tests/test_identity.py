@@ -24,7 +24,7 @@ def test_plugin_capabilities(driver: Driver) -> None:
     caps = driver.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest()).capabilities
     services = {c.service.type for c in caps if c.HasField("service")}
     assert services == {Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
-                        Service.GROUP_CONTROLLER_SERVICE}
+                        Service.GROUP_CONTROLLER_SERVICE, Service.SNAPSHOT_METADATA_SERVICE}
     expansion = [c.volume_expansion.type for c in caps if c.HasField("volume_expansion")]
     assert expansion == [pb.PluginCapability.VolumeExpansion.ONLINE]
 

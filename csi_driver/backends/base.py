@@ -50,6 +50,8 @@ class Features:
     volume_condition: bool = False
     # ControllerPublish/Unpublish attach volumes to nodes (attachments/attach/detach below).
     attach: bool = False
+    # SnapshotMetadata: block_map tells which ranges of a snapshot hold data or changed.
+    changed_blocks: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,26 @@ class GroupSnapshotRequest:
     source_volumes: tuple[str, ...]  # local IDs
     parameters: Mapping[str, str]
     secrets: Secrets = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockQuery:
+    """SnapshotMetadata: the ranges of `snapshot` that hold data or, with `base`, those that
+    differ from that earlier snapshot of the same volume (the service has checked that both
+    exist and share a volume)."""
+
+    snapshot: str  # local ID
+    base: str = ""  # local ID; "" asks for allocation
+    start: int = 0  # ranges ending at or before this offset may be left out
+    secrets: Secrets = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockMap:
+    capacity: int  # bytes: the target snapshot's volume size
+    # (offset, length) in ascending order, none overlapping, computed as they are consumed.
+    ranges: Iterable[tuple[int, int]]
+    block_size: int = 0  # > 0: every range is this long (FIXED_LENGTH); 0: any length
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -396,6 +418,12 @@ class Backend(ABC, Generic[C]):
 
     def list_snapshots(self, query: Query) -> Iterable[Snapshot]:
         raise self._unsupported("snapshots")
+
+    def block_map(self, query: BlockQuery) -> BlockMap:
+        """Allocated or changed ranges of a snapshot (Features.changed_blocks); raise
+        FailedPrecondition for snapshots whose changes cannot be told (the client then takes
+        a full backup)."""
+        raise self._unsupported("changed block tracking")
 
     def node_expand(self, request: NodeExpandRequest) -> int:
         """Grow what the node sees (device, filesystem) to at least `required` bytes; returns

@@ -37,6 +37,8 @@ class IdentityService(pb_grpc.IdentityServicer):
             services.append(_Service.CONTROLLER_SERVICE)
             if any(f.group_snapshots for f in features):
                 services.append(_Service.GROUP_CONTROLLER_SERVICE)
+            if any(f.changed_blocks for f in features):
+                services.append(_Service.SNAPSHOT_METADATA_SERVICE)
         if any(b.segments for b in self.driver.backends.values()):
             services.append(_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS)
         caps = [pb.PluginCapability(service=pb.PluginCapability.Service(type=s))
