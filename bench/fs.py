@@ -1,4 +1,4 @@
-"""A throwaway xfs or ext4 filesystem on a loop device, so the backend can be measured on it.
+"""A throwaway xfs, btrfs or ext4 filesystem on a loop device, so the backend can be measured on it.
 
 Mounts made here live in the benchmark's private mount namespace (bench/run), but loop devices
 are global: the device is always detached on the way out, errors included.
@@ -17,8 +17,9 @@ GiB = 1 << 30
 MKFS = {
     "xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],
     "ext4": ["mkfs.ext4", "-q", "-F"],
+    "btrfs": ["mkfs.btrfs", "-q", "-f"],
 }
-PACKAGES = {"xfs": "xfsprogs", "ext4": "e2fsprogs"}
+PACKAGES = {"xfs": "xfsprogs", "ext4": "e2fsprogs", "btrfs": "btrfs-progs"}
 
 
 class FsError(Exception):

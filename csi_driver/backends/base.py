@@ -422,8 +422,10 @@ class Backend(ABC, Generic[C]):
     def block_map(self, query: BlockQuery) -> BlockMap:
         """Allocated or changed ranges of a snapshot (Features.changed_blocks); raise
         FailedPrecondition for snapshots whose changes cannot be told (the client then takes
-        a full backup)."""
-        raise self._unsupported("changed block tracking")
+        a full backup, as the spec has it)."""
+        raise errors.FailedPrecondition(
+            f"backend {self.name!r} ({self.type_name}) cannot tell which blocks of a snapshot "
+            f"hold data or changed; take a full backup instead")
 
     def node_expand(self, request: NodeExpandRequest) -> int:
         """Grow what the node sees (device, filesystem) to at least `required` bytes; returns

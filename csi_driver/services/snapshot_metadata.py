@@ -56,12 +56,7 @@ class SnapshotMetadataService(pb_grpc.SnapshotMetadataServicer):
             snap = lookup.snapshot(found[1], found[0].local, secrets=secrets)
         if found is None or snap is None:
             raise errors.NotFound(f"snapshot {raw_id!r} does not exist")
-        backend = found[1]
-        if not backend.features.changed_blocks:
-            raise errors.FailedPrecondition(
-                f"backend {found[0].backend!r} ({backend.type_name}) does not track which "
-                f"blocks of a snapshot hold data or changed; take a full backup instead")
-        return found[0].backend, backend, snap
+        return found[0].backend, found[1], snap
 
     @staticmethod
     def _limits(starting_offset: int, max_results: int) -> int:

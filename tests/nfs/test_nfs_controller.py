@@ -1047,3 +1047,31 @@ def test_node_get_info_answers_with_the_server_down(nfs_server: NfsServer, tmp_p
     finally:
         driver.stop()
         (nodes / "late-node.json").unlink(missing_ok=True)
+
+
+def test_changed_blocks_are_refused_with_the_reason(nfs_driver: Driver, name: str) -> None:
+    """libnfs has no NFSv4.2 SEEK, so the backend cannot tell where an image's data lies or
+    what changed: both SnapshotMetadata RPCs answer FAILED_PRECONDITION (the spec's "take a
+    full backup"), and the plugin does not advertise the service for an NFS-only driver."""
+    vol = create(nfs_driver, name, mode=Mode.SINGLE_NODE_WRITER, volumeLayout="image")
+    snaps = [snapshot_ready(nfs_driver, f"{name}-{i}", vol.volume_id).snapshot_id
+             for i in (1, 2)]
+    calls = [lambda: list(nfs_driver.metadata.GetMetadataAllocated(
+                 pb.GetMetadataAllocatedRequest(snapshot_id=snaps[0]))),
+             lambda: list(nfs_driver.metadata.GetMetadataDelta(pb.GetMetadataDeltaRequest(
+                 base_snapshot_id=snaps[0], target_snapshot_id=snaps[1])))]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "NFSv4.2 SEEK" in (err.value.details() or "")
+    # An unknown snapshot is still NOT_FOUND, before any of that.
+    assert status_of(lambda: list(nfs_driver.metadata.GetMetadataAllocated(
+        pb.GetMetadataAllocatedRequest(snapshot_id=f"{vol.volume_id}x")))
+                     ) == grpc.StatusCode.NOT_FOUND
+    caps = nfs_driver.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
+    assert pb.PluginCapability.Service.SNAPSHOT_METADATA_SERVICE not in {
+        c.service.type for c in caps.capabilities}
+    for s in snaps:
+        nfs_driver.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=s))
+    nfs_driver.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))

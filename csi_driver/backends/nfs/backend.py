@@ -17,6 +17,8 @@ from ..base import (
     AccessMode,
     Attachment,
     Backend,
+    BlockMap,
+    BlockQuery,
     Capability,
     Capacity,
     Condition,
@@ -313,6 +315,14 @@ class NfsBackend(Backend[NfsConfig]):
                     found.append(self._snapshot(local_id, rec,
                                                 self._snapshot_ready(conn, local_id)))
         yield from found
+
+    def block_map(self, query: BlockQuery) -> BlockMap:
+        # The spec's answer for storage that cannot track changes. NFSv3 has no way to ask
+        # where a file's data lies, and libnfs (4.0) sends no NFSv4.2 SEEK; a snapshot copy's
+        # data map (share.py) says where its data was, not what changed.
+        raise errors.FailedPrecondition(
+            f"backend {self.name!r} (nfs) cannot tell which blocks of an image changed or hold "
+            f"data: the NFS client library has no NFSv4.2 SEEK; take a full backup instead")
 
     # -- attach ------------------------------------------------------------------------------
     # Recorded for every volume, so the services can hold a single-node directory volume to
