@@ -1,11 +1,12 @@
 """Changed block tracking: how long the SnapshotMetadata service takes to stream the delta
 between two snapshots of a 10 GiB block volume with 100 MiB written between them, and how many
-bytes the driver read from storage to compute it (its /proc/PID/io read_bytes, page cache
-dropped first), beside the Go hostPath driver's method: read both snapshots whole and compare
-them block by block (done here in-process, 1 MiB reads compared 4 KiB at a time).
+bytes were read from storage to compute it (hostPath: the driver's /proc/PID/io read_bytes,
+page cache dropped first; RBD: the OSD's op_r_out_bytes), beside the Go hostPath driver's
+method: read both snapshots whole and compare them block by block (done here in-process).
 
-    sudo .venv/bin/python -m bench.cbt [--fs xfs|btrfs|ext4] [--gib 10] [--delta-mib 100]
-        [--base-mib 1024] [--runs 5] [--out bench/results/cbt-hostpath-<fs>-latest.json]
+    sudo .venv/bin/python -m bench.cbt [--backend hostpath|rbd] [--fs xfs|btrfs|ext4]
+        [--gib 10] [--delta-mib 100] [--base-mib 1024] [--runs 5]
+        [--out bench/results/cbt-{hostpath-<fs>,rbd}-latest.json]
 
 The volume is written through its own loop device, as a pod would: `--base-mib` in 1 MiB pieces
 before the first snapshot, then `--delta-mib` in 256 KiB pieces at random 4 KiB-aligned offsets.
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -87,7 +89,7 @@ def compare_whole(base: str, target: str, size: int) -> int:
     returns the changed bytes."""
     changed = 0
     with open(base, "rb") as a, open(target, "rb") as b:
-        for offset in range(0, size, MiB):
+        for _ in range(0, size, MiB):
             x, y = a.read(MiB), b.read(MiB)
             if x != y:
                 changed += sum(4096 for k in range(0, len(x), 4096)
@@ -109,17 +111,7 @@ def timed(runs: int, fn: Callable[[], Any], reads: Callable[[], int]
             "read_bytes_p50": int(statistics.median(read)), "result": result}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fs", default="xfs", choices=["xfs", "btrfs", "ext4"])
-    ap.add_argument("--gib", type=int, default=10)
-    ap.add_argument("--delta-mib", type=int, default=100)
-    ap.add_argument("--base-mib", type=int, default=1024)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-    out = args.out or os.path.join(REPO, "bench", "results", f"cbt-hostpath-{args.fs}-latest.json")
-    rng = random.Random(14)
+def hostpath(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
     size = args.gib * GiB
     with tempfile.TemporaryDirectory(prefix="bench-cbt-") as tmp, \
             loop_filesystem(args.fs, tmp, args.gib * 2 + 4) as mnt:
@@ -139,15 +131,8 @@ def main() -> int:
             device = str(staging / "device")
             try:
                 t0 = time.perf_counter()
-                base = rng.sample(range(size // MiB), args.base_mib)
-                write_pieces(device, [b * MiB for b in sorted(base)], MiB, rng)
-                s1 = d.controller.CreateSnapshot(pb.CreateSnapshotRequest(
-                    name="cbt-1", source_volume_id=vid)).snapshot.snapshot_id
-                pieces = args.delta_mib * MiB // PIECE
-                delta = rng.sample(range((size - PIECE) // 4096), pieces)
-                write_pieces(device, [o * 4096 for o in delta], PIECE, rng)
-                s2 = d.controller.CreateSnapshot(pb.CreateSnapshotRequest(
-                    name="cbt-2", source_volume_id=vid)).snapshot.snapshot_id
+                s1, s2 = two_snapshots(d, vid, args, rng, lambda offsets, length: write_pieces(
+                    device, offsets, length, rng))
                 setup_s = time.perf_counter() - t0
             finally:
                 d.node.NodeUnstageVolume(pb.NodeUnstageVolumeRequest(
@@ -160,8 +145,30 @@ def main() -> int:
             whole = timed(1, lambda: compare_whole(files[0], files[1], size), own_read_bytes)
         finally:
             assert d.stop() == 0
-    report = {
-        "fs": args.fs, "volume_bytes": size, "written_between_bytes": args.delta_mib * MiB,
+    return report(args, size, setup_s, ours, alloc, whole)
+
+
+def two_snapshots(d: Driver, vid: str, args: argparse.Namespace, rng: random.Random,
+                  write: Callable[[list[int], int], None], secrets: dict[str, str] | None = None
+                  ) -> tuple[str, str]:
+    """The base data, the first snapshot, the pieces written between, the second snapshot."""
+    size = args.gib * GiB
+    base = rng.sample(range(size // MiB), args.base_mib)
+    write([b * MiB for b in sorted(base)], MiB)
+    s1 = d.controller.CreateSnapshot(pb.CreateSnapshotRequest(
+        name="cbt-1", source_volume_id=vid, secrets=secrets)).snapshot.snapshot_id
+    pieces = args.delta_mib * MiB // PIECE
+    write([o * 4096 for o in rng.sample(range((size - PIECE) // 4096), pieces)], PIECE)
+    s2 = d.controller.CreateSnapshot(pb.CreateSnapshotRequest(
+        name="cbt-2", source_volume_id=vid, secrets=secrets)).snapshot.snapshot_id
+    return s1, s2
+
+
+def report(args: argparse.Namespace, size: int, setup_s: float, ours: dict[str, Any],
+           alloc: dict[str, Any], whole: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "backend": args.backend, "fs": args.fs if args.backend == "hostpath" else "",
+        "volume_bytes": size, "written_between_bytes": args.delta_mib * MiB,
         "base_bytes": args.base_mib * MiB, "setup_s": round(setup_s, 1),
         "delta": {"seconds_p50": round(ours["seconds_p50"], 4),
                   "seconds_min": round(ours["seconds_min"], 4),
@@ -174,11 +181,114 @@ def main() -> int:
         "read_both_and_compare": {"seconds": round(whole["seconds_p50"], 2),
                                   "read_bytes": whole["read_bytes_p50"],
                                   "changed_bytes": whole["result"]},
+        **extra,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    print(json.dumps(report, indent=2))
+
+
+def rbd(args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+    """The same against a single-node Ceph (tests/ceph), bytes read being the OSD's own
+    (op_r_out_bytes), with librbd's diff straight from this process (exact, and whole
+    objects from the object map) as the floor."""
+    import rados
+    import rbd as librbd
+
+    from tests.ceph.cluster import start_cluster
+
+    size = args.gib * GiB
+    work = Path(tempfile.mkdtemp(prefix="bench-cbt-rbd-"))
+    cluster = start_cluster(work / "ceph", osd_size_gib=args.gib * 2 + 6)
+
+    def osd_read() -> int:
+        perf = cluster.ceph_json("tell", "osd.0", "perf", "dump")
+        return int(perf["osd"]["op_r_out_bytes"])
+
+    try:
+        keyfile = work / "csi.key"
+        keyfile.write_text(cluster.csi_key)
+        d = start_driver(work, write_config(work / "c.yaml", {"ceph": {
+            "type": "rbd", "pool": cluster.pool, "monitors": [cluster.monitors],
+            "userID": cluster.csi_user, "userKeyFile": str(keyfile), "timeoutSeconds": 30}}))
+        conn = rados.Rados(rados_id="admin", conf=cluster.client_conf(cluster.admin_key()))
+        conn.connect()
+        ctx = conn.open_ioctx(cluster.pool)
+        try:
+            vid = d.controller.CreateVolume(pb.CreateVolumeRequest(
+                name="cbt", capacity_range=pb.CapacityRange(required_bytes=size),
+                volume_capabilities=[block_cap()])).volume.volume_id
+            image = "csi-vol-" + vid.split(":", 1)[1]
+
+            def write(offsets: list[int], length: int) -> None:
+                with librbd.Image(ctx, image) as img:
+                    for offset in offsets:
+                        img.write(rng.randbytes(length), offset)
+                    img.flush()
+
+            t0 = time.perf_counter()
+            s1, s2 = two_snapshots(d, vid, args, rng, write)
+            setup_s = time.perf_counter() - t0
+            ours = timed(args.runs, lambda: stream_delta(d, s1, s2), osd_read)
+            alloc = timed(args.runs, lambda: stream_allocated(d, s2), osd_read)
+            points = [f"snap-csi-snap-{s.split(':', 1)[1]}" for s in (s1, s2)]
+
+            def direct(whole_object: bool) -> tuple[int, int]:
+                found: list[tuple[int, int]] = []
+                with librbd.Image(ctx, image, snapshot=points[1], read_only=True) as img:
+                    img.diff_iterate(0, size, points[0],
+                                     lambda o, n, e: found.append((o, n)) or 0,
+                                     include_parent=True, whole_object=whole_object)
+                return len(found), sum(n for _, n in found)
+
+            exact = timed(args.runs, lambda: direct(False), osd_read)
+            objects = timed(args.runs, lambda: direct(True), osd_read)
+
+            def compare() -> int:
+                changed = 0
+                snaps = ["csi-snap-" + s.split(":", 1)[1] for s in (s1, s2)]
+                with librbd.Image(ctx, snaps[0], snapshot="restore", read_only=True) as a, \
+                        librbd.Image(ctx, snaps[1], snapshot="restore", read_only=True) as b:
+                    for offset in range(0, size, 4 * MiB):
+                        x, y = a.read(offset, 4 * MiB), b.read(offset, 4 * MiB)
+                        if x != y:
+                            changed += sum(4096 for k in range(0, len(x), 4096)
+                                           if x[k:k + 4096] != y[k:k + 4096])
+                return changed
+
+            whole = timed(1, compare, osd_read)
+        finally:
+            ctx.close()
+            conn.shutdown()
+            d.stop()
+    finally:
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    def row(m: dict[str, Any]) -> dict[str, Any]:
+        return {"seconds_p50": round(m["seconds_p50"], 4), "read_bytes_p50": m["read_bytes_p50"],
+                "ranges": m["result"][0], "reported_bytes": m["result"][1]}
+
+    return report(args, size, setup_s, ours, alloc, whole,
+                  librbd_direct_exact=row(exact), librbd_direct_whole_object=row(objects))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", default="hostpath", choices=["hostpath", "rbd"])
+    ap.add_argument("--fs", default="xfs", choices=["xfs", "btrfs", "ext4"])
+    ap.add_argument("--gib", type=int, default=10)
+    ap.add_argument("--delta-mib", type=int, default=100)
+    ap.add_argument("--base-mib", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    name = f"cbt-hostpath-{args.fs}" if args.backend == "hostpath" else "cbt-rbd"
+    out = args.out or os.path.join(REPO, "bench", "results", f"{name}-latest.json")
+    rng = random.Random(14)
+    result = (hostpath if args.backend == "hostpath" else rbd)(args, rng)
+    print(json.dumps(result, indent=2))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(result, f, indent=2)
     return 0
 
 
