@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -687,3 +688,58 @@ def test_node_paths_outside_the_kubelet_dir_are_refused(env: Env, vname: str) ->
         assert side.mounts_at(outside) == 0
         assert side.sh(f"ls -A {outside}") == "", "something was made outside the kubelet dir"
         assert side.shell(f"test -d {outside}").returncode == 0, "it was removed"
+
+
+# -- SnapshotMetadata -------------------------------------------------------------------------
+# Layouts whose snapshots tell their allocated and changed blocks; the rest answer
+# FAILED_PRECONDITION, the spec's "take a full backup".
+TRACKS_CHANGES = {"hostpath-image", "hostpath-block", "rbd-mount", "rbd-block"}
+
+
+def snapshot_ready(env: Env, name: str, volume_id: str) -> str:
+    request = pb.CreateSnapshotRequest(name=name, source_volume_id=volume_id,
+                                       secrets=env.secrets)
+    deadline = time.monotonic() + WAIT
+    while True:
+        snap = env.controller.controller.CreateSnapshot(request, timeout=WAIT).snapshot
+        if snap.ready_to_use:
+            return snap.snapshot_id
+        assert time.monotonic() < deadline, "snapshot never became ready"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("env", ALL, indirect=True)
+def test_snapshot_metadata_rules(env: Env, vname: str) -> None:
+    m = env.controller.metadata
+
+    def allocated(snap: str, start: int = 0) -> list[pb.GetMetadataAllocatedResponse]:
+        return list(m.GetMetadataAllocated(pb.GetMetadataAllocatedRequest(
+            snapshot_id=snap, starting_offset=start, secrets=env.secrets), timeout=WAIT))
+
+    def delta(base: str, target: str, start: int = 0) -> list[pb.GetMetadataDeltaResponse]:
+        return list(m.GetMetadataDelta(pb.GetMetadataDeltaRequest(
+            base_snapshot_id=base, target_snapshot_id=target, starting_offset=start,
+            secrets=env.secrets), timeout=WAIT))
+
+    unknown = f"{env.backend}:snap-never-made-{uuid.uuid4().hex[:8]}"
+    assert status_of(lambda: allocated(unknown)) == Code.NOT_FOUND
+    assert status_of(lambda: allocated("")) == Code.INVALID_ARGUMENT
+    with volume(env, vname) as vol:
+        snap = snapshot_ready(env, f"{vname}-s", vol.volume_id)
+        try:
+            assert status_of(lambda: delta(snap, unknown)) == Code.NOT_FOUND
+            if env.layout.id not in TRACKS_CHANGES:
+                assert status_of(lambda: allocated(snap)) == Code.FAILED_PRECONDITION
+                assert status_of(lambda: delta(snap, snap)) == Code.FAILED_PRECONDITION
+                return
+            answers = allocated(snap)
+            assert answers and {a.volume_capacity_bytes for a in answers} == {
+                vol.capacity_bytes}
+            same = delta(snap, snap)
+            assert len(same) == 1 and not same[0].block_metadata
+            assert status_of(lambda: allocated(snap, -1)) == Code.OUT_OF_RANGE
+            assert status_of(lambda: allocated(snap, vol.capacity_bytes + 1)
+                             ) == Code.OUT_OF_RANGE
+        finally:
+            env.controller.controller.DeleteSnapshot(pb.DeleteSnapshotRequest(
+                snapshot_id=snap, secrets=env.secrets), timeout=WAIT)
