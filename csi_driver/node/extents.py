@@ -29,6 +29,8 @@ _LAST, _UNWRITTEN = 0x1, 0x800
 _OPAQUE = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400
 BLOCK = 4096  # the unit of a byte comparison, and of what it reports
 _CHUNK = 1 << 20  # bytes read at a time when comparing
+# Bytes mapped at a time: a 1 GiB window of 4 KiB extents is at most 262,144 of them.
+WINDOW = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +44,10 @@ class Extent:
         return self.offset + self.length
 
 
-def _fiemap(fd: int, size: int) -> Iterator[Extent]:
-    start = 0
-    while start < size:
+def _fiemap(fd: int, start: int, end: int) -> Iterator[Extent]:
+    while start < end:
         buf = bytearray(_HEADER.size + _BATCH * _EXTENT.size)
-        _HEADER.pack_into(buf, 0, start, size - start, FIEMAP_FLAG_SYNC, 0, _BATCH, 0)
+        _HEADER.pack_into(buf, 0, start, end - start, FIEMAP_FLAG_SYNC, 0, _BATCH, 0)
         fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
         mapped = _HEADER.unpack_from(buf, 0)[3]
         if mapped == 0:
@@ -61,10 +62,10 @@ def _fiemap(fd: int, size: int) -> Iterator[Extent]:
                 return
 
 
-def _seek_data(fd: int, size: int) -> Iterator[Extent]:
+def _seek_data(fd: int, start: int, end: int) -> Iterator[Extent]:
     """Data ranges from SEEK_DATA/SEEK_HOLE, for filesystems without FIEMAP (tmpfs)."""
-    offset = 0
-    while offset < size:
+    offset = start
+    while offset < end:
         try:
             data = os.lseek(fd, offset, os.SEEK_DATA)
         except OSError as exc:
@@ -76,16 +77,27 @@ def _seek_data(fd: int, size: int) -> Iterator[Extent]:
         offset = hole
 
 
-def extents(fd: int, size: int) -> list[Extent]:
-    """The data extents of the open file `fd` within its first `size` bytes, in order."""
+def _clip(e: Extent, start: int, end: int) -> Extent:
+    """The part of `e` within [start, end), its physical address moved along."""
+    lo, hi = max(e.offset, start), min(e.end, end)
+    return Extent(lo, hi - lo, e.physical + (lo - e.offset) if e.physical >= 0 else -1)
+
+
+def extents(fd: int, start: int, end: int) -> list[Extent]:
+    """The data extents of the open file `fd` within [start, end), in order."""
     try:
-        found = list(_fiemap(fd, size))
+        found = list(_fiemap(fd, start, end))
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
             raise
-        found = list(_seek_data(fd, size))
-    return [Extent(e.offset, min(e.end, size) - e.offset, e.physical)
-            for e in found if e.offset < size]
+        found = list(_seek_data(fd, start, end))
+    return [_clip(e, start, end) for e in found if e.offset < end and e.end > start]
+
+
+def _windows(start: int, size: int) -> Iterator[tuple[int, int]]:
+    """[start, size) in WINDOW pieces, so a map in memory covers one piece at a time."""
+    for lo in range(start // WINDOW * WINDOW, size, WINDOW):
+        yield lo, min(lo + WINDOW, size)
 
 
 def coalesce(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
@@ -104,18 +116,20 @@ def coalesce(ranges: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
         yield current
 
 
-def allocated(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """The ranges of the file that hold data: its extents, never its bytes."""
-    return coalesce((e.offset, e.length) for e in extents(fd, size))
+def allocated(fd: int, size: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    """The ranges of the file's first `size` bytes that hold data (from about `start` on): its
+    extents, never its bytes."""
+    return coalesce((e.offset, e.length) for lo, hi in _windows(start, size)
+                    for e in extents(fd, lo, hi))
 
 
-def _segments(base: list[Extent], target: list[Extent], size: int
+def _segments(base: list[Extent], target: list[Extent], lo: int, hi: int
               ) -> Iterator[tuple[int, int, Extent | None, Extent | None]]:
-    """The file's first `size` bytes cut where either map has a boundary: (start, end, the
-    base extent there or None, the target extent there or None)."""
-    cuts = {0, size}
+    """[lo, hi) cut where either map (both within it) has a boundary: (start, end, the base
+    extent there or None, the target extent there or None)."""
+    cuts = {lo, hi}
     for e in (*base, *target):
-        cuts.update((min(e.offset, size), min(e.end, size)))
+        cuts.update((e.offset, e.end))
     points = sorted(cuts)
     i = j = 0
     for start, end in itertools.pairwise(points):
@@ -143,24 +157,24 @@ def _differing(base_fd: int, target_fd: int, start: int, end: int) -> Iterator[t
         offset += n
 
 
-def changed(base_fd: int, target_fd: int, size: int, *, maps_decide: bool
+def changed(base_fd: int, target_fd: int, size: int, *, maps_decide: bool, start: int = 0
             ) -> Iterator[tuple[int, int]]:
-    """The ranges of the target's first `size` bytes that differ from the base. Data over a
-    hole differs; the same physical blocks at the same offset do not; different blocks
-    differ when `maps_decide` (the files are reflink copies, so a block was given anew only
-    when it was written), else their bytes are compared."""
-    base, target = extents(base_fd, size), extents(target_fd, size)
+    """The ranges of the target's first `size` bytes (from about `start` on) that differ from
+    the base. Data over a hole differs; the same physical blocks at the same offset do not;
+    different blocks differ when `maps_decide` (the files are reflink copies, so a block was
+    given anew only when it was written), else their bytes are compared."""
 
-    def ranges() -> Iterator[tuple[int, int]]:
-        for start, end, b, t in _segments(base, target, size):
+    def window(lo: int, hi: int) -> Iterator[tuple[int, int]]:
+        base, target = extents(base_fd, lo, hi), extents(target_fd, lo, hi)
+        for a, z, b, t in _segments(base, target, lo, hi):
             if b is None or t is None:
-                yield start, end - start
+                yield a, z - a
             elif (b.physical >= 0 and t.physical >= 0
                   and b.physical - b.offset == t.physical - t.offset):
                 continue
             elif maps_decide and b.physical >= 0 and t.physical >= 0:
-                yield start, end - start
+                yield a, z - a
             else:
-                yield from _differing(base_fd, target_fd, start, end)
+                yield from _differing(base_fd, target_fd, a, z)
 
-    return coalesce(ranges())
+    return coalesce(r for lo, hi in _windows(start, size) for r in window(lo, hi))

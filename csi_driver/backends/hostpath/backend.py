@@ -439,11 +439,11 @@ class HostPathBackend(Backend[HostPathConfig]):
             try:
                 with open(target, "rb") as t:
                     if not base:
-                        yield from extents.allocated(t.fileno(), rec.size)
+                        yield from extents.allocated(t.fileno(), rec.size, query.start)
                         return
                     with open(base, "rb") as b:
                         yield from extents.changed(b.fileno(), t.fileno(), rec.size,
-                                                   maps_decide=maps_decide)
+                                                   maps_decide=maps_decide, start=query.start)
             except FileNotFoundError:
                 raise errors.NotFound(f"snapshot {self.name}:{query.snapshot} or "
                                       f"{self.name}:{query.base} was deleted meanwhile") from None
