@@ -143,7 +143,10 @@ class Server:
         # A fatal signal (SIGSEGV, SIGABRT...) prints every thread's stack to stderr.
         faulthandler.enable()
         self.start()
-        self._stop.wait()
+        # The kernel may hand SIGTERM to one of gRPC's threads; a wait without a timeout would
+        # then never return to the interpreter to run the handler (seen as a hung shutdown).
+        while not self._stop.wait(0.5):
+            pass
         # Shutting down never hangs: past the grace period (and 5 s more for the interpreter
         # to exit) the stacks go to the log and the process ends.
         faulthandler.dump_traceback_later(GRACE_SECONDS + 5, exit=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -22,6 +23,8 @@ from csi_driver.csi import csi_pb2_grpc as pb_grpc
 from .conftest import status_of
 from .harness import Driver, mount_cap, start_driver, write_config
 
+# tgkill(2), which signals one thread of another process, by architecture.
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[os.uname().machine]
 
 def hostpath_config(tmp: Path) -> Path:
     return write_config(tmp / "c.yaml", {"local": {"type": "hostpath", "path": str(tmp / "d")}})
@@ -44,6 +47,19 @@ def test_sigint_also_stops_cleanly(tmp_path: Path) -> None:
     d = start_driver(tmp_path, hostpath_config(tmp_path))
     assert d.stop(signal.SIGINT) == 0
     assert not d.socket.exists()
+
+
+def test_sigterm_delivered_to_a_grpc_thread_still_stops(tmp_path: Path) -> None:
+    # The kernel may give a process-directed signal to any thread; a CI run once hung at
+    # shutdown because the main thread slept in a wait the handler never got to run after.
+    d = start_driver(tmp_path, hostpath_config(tmp_path))
+    pid = d.proc.pid
+    others = [int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid]
+    assert others, "gRPC runs its own threads"
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(SYS_TGKILL, pid, others[0], signal.SIGTERM) == 0
+    assert d.proc.wait(5) == 0
+    assert "received SIGTERM" in d.log() and not d.socket.exists()
 
 
 def test_stale_socket_is_replaced(tmp_path: Path) -> None:
