@@ -26,6 +26,7 @@ from .harness import Driver, mount_cap, start_driver, write_config
 # tgkill(2), which signals one thread of another process, by architecture.
 SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[os.uname().machine]
 
+
 def hostpath_config(tmp: Path) -> Path:
     return write_config(tmp / "c.yaml", {"local": {"type": "hostpath", "path": str(tmp / "d")}})
 
