@@ -4,10 +4,11 @@ Kubernetes we support (CRD kinds against their own schemas), and the wiring that
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from csi_driver.config import parse_settings
 
@@ -57,6 +61,16 @@ NEEDS = {
                                                                 "patch"},
         ("snapshot.storage.k8s.io", "volumesnapshotcontents/status"): {"update", "patch"},
     },
+    # Its deploy/snapshot-metadata-cluster-role.yaml, less what it does not call here (its own
+    # SnapshotMetadataService: the chart passes --audience), plus the class it reads for the
+    # snapshotter secret (pkg/internal/server/grpc/snapshotter_secret.go), which that file misses.
+    "csi-snapshot-metadata": {
+        ("authentication.k8s.io", "tokenreviews"): {"create"},
+        ("authorization.k8s.io", "subjectaccessreviews"): {"create"},
+        ("snapshot.storage.k8s.io", "volumesnapshots"): {"get", "list"},
+        ("snapshot.storage.k8s.io", "volumesnapshotcontents"): {"get", "list"},
+        ("snapshot.storage.k8s.io", "volumesnapshotclasses"): {"get", "list"},
+    },
 }
 LEASES = {("coordination.k8s.io", "leases"): {"get", "watch", "list", "delete", "update",
                                              "create"}}
@@ -95,6 +109,22 @@ CRD_SCHEMAS: dict[str, dict[str, Any]] = {
                                             "scheme": {"enum": ["http", "https"]}}}},
                          "namespaceSelector": {"type": "object"},
                          "jobLabel": {"type": "string"}}}}},
+    # external-snapshot-metadata's client/config/crd/cbt.storage.k8s.io_snapshotmetadataservices
+    # .yaml (v1.1.0: v1beta1 only, v1alpha1 gone since v1.0.0); cluster-scoped.
+    "SnapshotMetadataService": {
+        "type": "object", "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "cbt.storage.k8s.io/v1beta1"}, "kind": {"type": "string"},
+            "metadata": {"type": "object", "required": ["name"],
+                         "not": {"required": ["namespace"]}},
+            "spec": {"type": "object", "additionalProperties": False,
+                     "required": ["address", "audience", "caCert"],
+                     "properties": {
+                         "address": {"type": "string", "minLength": 1},
+                         "audience": {"type": "string", "minLength": 1},
+                         "caCert": {"type": "string", "minLength": 1,  # format: byte
+                                    "pattern": "^[A-Za-z0-9+/]+={0,2}$"}}}}},
 }
 
 
@@ -113,10 +143,11 @@ def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def render(env: dict[str, str], example: str | None, version: str = KUBE_VERSIONS[-1],
-           *sets: str) -> subprocess.CompletedProcess[str]:
+           *sets: str, flags: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
     values = ["-f", str(CHART / "examples" / f"{example}.yaml")] if example else []
     return subprocess.run([helm(), "template", "rel", str(CHART), "-n", "storage",
-                           "--kube-version", version, *values, *(f"--set={s}" for s in sets)],
+                           "--kube-version", version, *values, *(f"--set={s}" for s in sets),
+                           *flags],
                           capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -156,7 +187,10 @@ def test_every_object_validates_strictly(helm_env: dict[str, str], example: str,
                                          version: str) -> None:
     done = render(helm_env, example, version)
     assert done.returncode == 0, done.stderr
-    docs = objects(done.stdout)
+    _validate(objects(done.stdout), version)
+
+
+def _validate(docs: list[dict[str, Any]], version: str) -> None:
     assert docs
     for doc in docs:
         if doc["kind"] in CRD_SCHEMAS:
@@ -280,7 +314,10 @@ def _granted(docs: list[dict[str, Any]], account: str) -> dict[tuple[str, str], 
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_rbac_covers_each_sidecar(rendered: dict[str, list[dict[str, Any]]],
                                   example: str) -> None:
-    docs = rendered[example]
+    _assert_rbac_covers_each_sidecar(rendered[example])
+
+
+def _assert_rbac_covers_each_sidecar(docs: list[dict[str, Any]]) -> None:
     for workload in (*kind(docs, "Deployment"), *kind(docs, "DaemonSet")):
         pod = workload["spec"]["template"]["spec"]
         granted = _granted(docs, pod["serviceAccountName"])
@@ -460,3 +497,136 @@ def test_each_sidecars_rbac_stands_alone(helm_env: dict[str, str]) -> None:
     for sidecar in ("csi-attacher", "csi-resizer"):
         for key, verbs in NEEDS[sidecar].items():
             assert verbs <= granted.get(key, set()), (sidecar, key)
+
+
+SMD = "csi-snapshot-metadata"
+SMD_ON = ("snapshotMetadata.enabled=true",)
+
+
+def test_snapshot_metadata_is_off_by_default(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for example, docs in rendered.items():
+        assert not kind(docs, "SnapshotMetadataService"), example
+        assert not [s for s in (*kind(docs, "Service"), *kind(docs, "Secret"))
+                    if "snapshot-metadata" in s["metadata"]["name"]], example
+        for workload in (*kind(docs, "Deployment"), *kind(docs, "DaemonSet")):
+            assert SMD not in _containers(workload), example
+        assert not [r for role in kind(docs, "ClusterRole") for r in role["rules"]
+                    if "tokenreviews" in r["resources"]], example
+
+
+def _b64pem(text: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(base64.b64decode(text))
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_snapshot_metadata_wiring(helm_env: dict[str, str], version: str) -> None:
+    done = render(helm_env, "rbd", version, *SMD_ON)
+    assert done.returncode == 0, done.stderr
+    docs = objects(done.stdout)
+    _validate(docs, version)
+    deployment = kind(docs, "Deployment")[0]
+    pod = deployment["spec"]["template"]["spec"]
+    containers = _containers(deployment)
+    sidecar, args = containers[SMD], _args(containers[SMD])
+    assert sidecar["image"].startswith("registry.k8s.io/sig-storage/csi-snapshot-metadata:v")
+    # The driver's socket, in the volume the other controller sidecars share.
+    assert args["--csi-address"] == _args(containers["driver"])["--endpoint"].removeprefix(
+        "unix://")
+    mounts = {m["mountPath"]: m["name"] for m in sidecar["volumeMounts"]}
+    assert mounts["/csi"] == "socket-dir"
+    assert all(mounts["/csi"] in {m["name"] for m in c["volumeMounts"]}
+               for c in containers.values())
+    # Its certificate and key, from the Secret the CR's CA signed.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    tls_dir = args["--tls-cert"].rsplit("/", 1)[0]
+    assert args["--tls-key"] == f"{tls_dir}/tls.key" and args["--tls-cert"] == f"{tls_dir}/tls.crt"
+    secret_name = volumes[mounts[tls_dir]]["secret"]["secretName"]
+    assert next(m for m in sidecar["volumeMounts"] if m["mountPath"] == tls_dir)["readOnly"]
+    secret = next(s for s in kind(docs, "Secret") if s["metadata"]["name"] == secret_name)
+    assert secret["type"] == "kubernetes.io/tls"
+    # The Service: its port reaches the sidecar's --port, on the controller pods.
+    service = next(s for s in kind(docs, "Service")
+                   if s["metadata"]["name"] == "rel-snapshot-metadata")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    (svc_port,) = service["spec"]["ports"]
+    assert ports[svc_port["targetPort"]] == int(args["--port"]) == svc_port["port"]
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert ports[sidecar["readinessProbe"]["httpGet"]["port"]] == int(
+        args["--http-endpoint"].rsplit(":", 1)[1])
+    in_pod = [p["containerPort"] for c in containers.values() for p in c.get("ports", [])]
+    assert len(in_pod) == len(set(in_pod)) == 4  # metrics, healthz, gRPC, health
+    # The CR: named for the driver, pointing at the Service, with the CA and the audience.
+    (sms,) = kind(docs, "SnapshotMetadataService")
+    assert sms["metadata"]["name"] == kind(docs, "CSIDriver")[0]["metadata"]["name"]
+    host, _, port = sms["spec"]["address"].rpartition(":")
+    assert host == f"{service['metadata']['name']}.{service['metadata']['namespace']}"
+    assert int(port) == svc_port["port"]
+    assert sms["spec"]["audience"] == args["--audience"] == "berth.csi.dev"
+    ca, cert = _b64pem(sms["spec"]["caCert"]), _b64pem(secret["data"]["tls.crt"])
+    assert sms["spec"]["caCert"] == secret["data"]["ca.crt"]
+    ca_key = ca.public_key()  # helm's genCA: RSA
+    assert isinstance(ca_key, rsa.RSAPublicKey) and cert.signature_hash_algorithm
+    ca_key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
+                  cert.signature_hash_algorithm)  # raises unless the CA signed it
+    assert cert.issuer == ca.subject
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert host in names.get_values_for_type(x509.DNSName)
+    key = serialization.load_pem_private_key(base64.b64decode(secret["data"]["tls.key"]), None)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
+    # RBAC: what it needs, from its own rules (not the snapshotter's or the provisioner's).
+    _assert_rbac_covers_each_sidecar(docs)
+    without = objects(render(helm_env, "rbd", version).stdout)
+    role = "rel-controller"
+    rules = next(r for r in kind(docs, "ClusterRole") if r["metadata"]["name"] == role)["rules"]
+    before = next(r for r in kind(without, "ClusterRole") if r["metadata"]["name"] == role)
+    own = [r for r in rules if r not in before["rules"]]
+    for (group, resource), verbs in NEEDS[SMD].items():
+        assert verbs <= {v for r in own if group in r["apiGroups"] and resource in r["resources"]
+                         for v in r["verbs"]}, (group, resource)
+
+
+def test_snapshot_metadata_lints(helm_env: dict[str, str]) -> None:
+    done = subprocess.run([helm(), "lint", "--strict", str(CHART), "-f",
+                           str(CHART / "examples" / "rbd.yaml"), *(f"--set={s}" for s in SMD_ON)],
+                          capture_output=True, text=True, timeout=60, env=helm_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_snapshot_metadata_with_the_operators_secret(helm_env: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    generated = objects(render(helm_env, "rbd", KUBE_VERSIONS[-1], *SMD_ON).stdout)
+    pem = base64.b64decode(kind(generated, "SnapshotMetadataService")[0]["spec"]["caCert"])
+    (tmp_path / "ca.pem").write_bytes(pem)
+    done = render(helm_env, "rbd", KUBE_VERSIONS[0], *SMD_ON,
+                  "snapshotMetadata.tls.secretName=berth-cbt-tls",
+                  "snapshotMetadata.audience=backup.example.com",
+                  flags=("--set-file", f"snapshotMetadata.tls.caCert={tmp_path / 'ca.pem'}"))
+    assert done.returncode == 0, done.stderr
+    docs = objects(done.stdout)
+    _validate(docs, KUBE_VERSIONS[0])
+    assert not [s for s in kind(docs, "Secret") if "snapshot-metadata" in s["metadata"]["name"]]
+    pod = kind(docs, "Deployment")[0]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["snapshot-metadata-tls"]["secret"]["secretName"] == "berth-cbt-tls"
+    (sms,) = kind(docs, "SnapshotMetadataService")
+    assert base64.b64decode(sms["spec"]["caCert"]) == pem
+    assert sms["spec"]["audience"] == "backup.example.com"
+    assert _args(_containers(kind(docs, "Deployment")[0])[SMD])["--audience"] == sms["spec"][
+        "audience"]
+
+
+@pytest.mark.parametrize("example, sets, words", [
+    ("hostpath", (), "a nodeLocal release has no controller"),
+    ("nfs", (), "no configured backend tracks changed blocks"),
+    ("cephfs", (), "no configured backend tracks changed blocks"),
+    ("rbd", ("sidecars.snapshotter.enabled=false",), "needs sidecars.snapshotter.enabled"),
+    ("rbd", ("snapshotMetadata.tls.secretName=mine",), "set snapshotMetadata.tls.caCert"),
+    ("rbd", ("snapshotMetadata.port=9809",), "must differ"),  # metrics.port in examples/rbd
+])
+def test_snapshot_metadata_refused_where_it_cannot_work(
+        helm_env: dict[str, str], example: str, sets: tuple[str, ...], words: str) -> None:
+    done = render(helm_env, example, KUBE_VERSIONS[-1], *SMD_ON, *sets)
+    assert done.returncode != 0 and words in done.stderr, done.stderr

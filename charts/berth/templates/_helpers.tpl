@@ -128,3 +128,43 @@ securityContext:
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* Changed block tracking (snapshotMetadata): the sidecar's Service, its TLS Secret, the audience. */}}
+{{- define "berth.snapshotMetadataService" -}}
+{{ include "berth.name" . }}-snapshot-metadata
+{{- end -}}
+
+{{- define "berth.snapshotMetadataSecret" -}}
+{{- .Values.snapshotMetadata.tls.secretName | default (printf "%s-snapshot-metadata-tls" (include "berth.name" .)) -}}
+{{- end -}}
+
+{{- define "berth.snapshotMetadataAudience" -}}
+{{- .Values.snapshotMetadata.audience | default .Values.driverName -}}
+{{- end -}}
+
+{{/* The sidecar asks the controller for changed blocks, which only rbd backends track in a shared
+     release. A node-local release has no controller: every node serves its own hostPath
+     snapshots, while a SnapshotMetadataService gives backup clients one address per driver. */}}
+{{- define "berth.checkSnapshotMetadata" -}}
+{{- $smd := .Values.snapshotMetadata -}}
+{{- if $smd.enabled -}}
+{{- if .Values.nodeLocal -}}
+{{- fail "snapshotMetadata.enabled: a nodeLocal release has no controller to run the sidecar in; each node serves only its own hostPath snapshots, and a SnapshotMetadataService gives backup clients one address for the whole driver, which cannot reach the node holding a snapshot" -}}
+{{- end -}}
+{{- if not .Values.sidecars.snapshotter.enabled -}}
+{{- fail "snapshotMetadata.enabled needs sidecars.snapshotter.enabled: it serves the blocks of this driver's VolumeSnapshots" -}}
+{{- end -}}
+{{- if and (not .Values.existingConfigSecret) (not (has "rbd" (splitList "," (include "berth.types" .)))) -}}
+{{- fail "snapshotMetadata.enabled: no configured backend tracks changed blocks (rbd does; nfs, cephfs and cinder do not), so the controller does not offer the SnapshotMetadata service and the sidecar would exit" -}}
+{{- end -}}
+{{- if and $smd.tls.secretName (not $smd.tls.caCert) -}}
+{{- fail "snapshotMetadata.tls.secretName: set snapshotMetadata.tls.caCert to the PEM CA bundle that signed its certificate (--set-file snapshotMetadata.tls.caCert=ca.pem); the SnapshotMetadataService hands it to backup clients" -}}
+{{- end -}}
+{{- $ports := list (int $smd.port) (int $smd.httpPort) -}}
+{{- if .Values.metrics.enabled -}}{{- $ports = append $ports (int .Values.metrics.port) -}}{{- end -}}
+{{- if .Values.sidecars.livenessprobe.enabled -}}{{- $ports = append $ports (int .Values.sidecars.livenessprobe.controllerPort) -}}{{- end -}}
+{{- if ne (len $ports) (len (uniq $ports)) -}}
+{{- fail (printf "snapshotMetadata.port and httpPort must differ from each other and from the controller pod's other ports (metrics.port, sidecars.livenessprobe.controllerPort): %v" $ports) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
